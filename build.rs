@@ -1,0 +1,42 @@
+//! Makes binaries, tests and benches find libtorch without LD_LIBRARY_PATH, and keeps
+//! CUDA linked on GPU machines.
+//!
+//! torch-sys links with `--as-needed`, so a binary that calls no symbol of
+//! `libtorch_cuda.so` directly drops it and then sees no GPU. Forcing it in is only
+//! right when the file exists: the lean CPU libtorch has none.
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: no rpath added for libtorch");
+        return;
+    };
+    let lib = Path::new(&lib);
+    let lib = lib.canonicalize().unwrap_or_else(|_| lib.to_path_buf());
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    let root = lib.parent().unwrap_or(&lib);
+    println!("cargo:rustc-env=CPS3D_LIBTORCH_DIR={}", root.display());
+    println!("cargo:rustc-env=CPS3D_LIBTORCH_VERSION={}", libtorch_version(root));
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
+
+/// The version written by scripts/setup-libtorch.sh (`build-version`), or the one in a
+/// PyTorch install's `version.py`.
+fn libtorch_version(root: &Path) -> String {
+    if let Ok(v) = std::fs::read_to_string(root.join("build-version")) {
+        return v.trim().to_string();
+    }
+    if let Ok(py) = std::fs::read_to_string(root.join("version.py")) {
+        for line in py.lines() {
+            if let Some(rest) = line.strip_prefix("__version__") {
+                return rest.trim_start_matches([' ', '=', ':']).trim().trim_matches(['\'', '"']).to_string();
+            }
+        }
+    }
+    "unknown".to_string()
+}

@@ -1,0 +1,13 @@
+//! cps3d: 3D Cross Pseudo Supervision for CT organ segmentation on an nnU-Net-style
+//! pipeline. Modules follow the pipeline's stages.
+
+// Geometry and resampling code indexes small matrices by axis; iterator chains read worse.
+#![allow(clippy::needless_range_loop)]
+
+pub mod dataset;
+pub mod error;
+pub mod info;
+pub mod io;
+pub mod synth;
+
+pub use error::{Error, Result};
