@@ -42,6 +42,9 @@ impl Error {
                 _ => format!("cannot read: {io}"),
             },
             E::InvalidFormat => "not a NIfTI-1 file (bad magic or header size)".to_string(),
+            E::IncompatibleLength(got, expected) => {
+                format!("file is truncated: {got} bytes of voxel data where the header needs {expected} voxels")
+            }
             other => format!("invalid NIfTI: {other}"),
         };
         Error::Nifti { path: path.as_ref().to_path_buf(), message }

@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `../shared/data` beside the checkout (or `$CPS3D_SHARED_DATA`), where the real CT
+/// files live. `None`, with a loud message, when it is absent: those tests then
+/// check nothing, and say so.
+pub fn shared_data() -> Option<PathBuf> {
+    let dir = std::env::var_os("CPS3D_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    if dir.join("Dataset001_TSAbdomen/dataset.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: real CT data not found at {} (set CPS3D_SHARED_DATA); this test checked nothing",
+            dir.display()
+        );
+        None
+    }
+}
+
+pub fn cps3d() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cps3d"))
+}
+
+pub fn run(args: &[&str]) -> Output {
+    let out = cps3d().args(args).output().expect("cps3d runs");
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Copies a directory tree (the real dataset into a temporary folder, to break it).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            let mut perms = std::fs::metadata(&target).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            std::fs::set_permissions(&target, perms).unwrap();
+        }
+    }
+}
