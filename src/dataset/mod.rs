@@ -72,17 +72,18 @@ impl DatasetJson {
         let mut labels = BTreeMap::new();
         for (k, v) in labels_obj {
             // v2: "liver": 1; v1: "1": "liver".
-            let (id, name) =
-                match (v.as_u64(), v.as_str(), k.parse::<u64>()) {
-                    (Some(id), _, _) => (id, k.clone()),
-                    (None, Some(name), Ok(id)) => (id, name.to_string()),
-                    _ => return Err(Error::invalid(
+            let (id, name) = match (v.as_u64(), v.as_str(), k.parse::<u64>()) {
+                (Some(id), _, _) => (id, k.clone()),
+                (None, Some(name), Ok(id)) => (id, name.to_string()),
+                _ => {
+                    return Err(Error::invalid(
                         path,
                         format!(
                             "label \"{k}\": expected an integer id (region-based labels are not supported), got {v}"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             if id > 255 {
                 return Err(Error::invalid(path, format!("label \"{name}\" has id {id}; ids must be 0..=255")));
             }
