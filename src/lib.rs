@@ -8,6 +8,9 @@ pub mod dataset;
 pub mod error;
 pub mod info;
 pub mod io;
+pub mod planning;
+pub mod preprocessing;
 pub mod synth;
+pub mod util;
 
 pub use error::{Error, Result};

@@ -2,6 +2,7 @@
 //! non-zero exit status.
 
 mod dataset;
+mod planning;
 mod progress;
 mod synth;
 
@@ -41,6 +42,10 @@ enum Command {
     },
     /// Write a synthetic abdominal CT dataset (13 FLARE22 organs) in nnU-Net layout.
     Synth(synth::SynthArgs),
+    /// Dataset fingerprint: spacings, shapes, intensity statistics (all voxels and foreground).
+    Fingerprint(planning::FingerprintArgs),
+    /// Plans from a fingerprint: nnU-Net's heuristics for 3d_fullres and 2d, plus CPS training settings.
+    Plan(planning::PlanArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -71,6 +76,8 @@ pub fn run() -> ExitCode {
         }
         Command::Dataset { command } => dataset::run(command),
         Command::Synth(args) => synth::run(args),
+        Command::Fingerprint(args) => planning::fingerprint(args),
+        Command::Plan(args) => planning::run_plan(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

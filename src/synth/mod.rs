@@ -126,13 +126,6 @@ fn validate(cfg: &SynthConfig, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let tmp = path.with_file_name(format!(".tmp-{}-dataset.json", std::process::id()));
-    let text = serde_json::to_string_pretty(value).expect("JSON value serialises");
-    std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
 /// Writes a synthetic dataset into `out`. Cases whose files already exist are
 /// skipped (files are written atomically, so an existing file is complete): an
 /// interrupted run is finished by running it again. `on_case` gets each finished case.
@@ -225,7 +218,7 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path, mut on_case: impl FnMut(&str
         "numUnlabeled": cfg.unlabeled,
         "file_ending": cfg.file_ending,
     });
-    write_json_atomic(&out.join("dataset.json"), &json)?;
+    crate::util::write_json_atomic(&out.join("dataset.json"), &json)?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }

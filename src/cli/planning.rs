@@ -1,0 +1,198 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::{progress, Zyx};
+use cps3d::planning::fingerprint::{fingerprint_dataset, Fingerprint};
+use cps3d::planning::plan::{plan, PlanOverrides, Plans};
+
+#[derive(Args, Debug)]
+pub struct FingerprintArgs {
+    /// Raw dataset folder (dataset.json, imagesTr/, labelsTr/, imagesUnlabeled/).
+    dataset: PathBuf,
+    /// Output file.
+    #[arg(short, long, default_value = "fingerprint.json")]
+    out: PathBuf,
+    /// Worker threads (one scan in memory per worker).
+    #[arg(short = 'j', long, default_value_t = super::default_workers())]
+    workers: usize,
+}
+
+pub fn fingerprint(a: FingerprintArgs) -> Result<()> {
+    let total = cps3d::dataset::RawDataset::open(&a.dataset).map(|d| d.cases().count()).unwrap_or(0);
+    let pb = progress::bar(total as u64, "fingerprint");
+    let fp = fingerprint_dataset(&a.dataset, a.workers, |id| {
+        pb.set_message(id.to_string());
+        pb.inc(1)
+    })
+    .with_context(|| format!("fingerprinting {}", a.dataset.display()))?;
+    pb.finish_and_clear();
+    fp.write(&a.out)?;
+    print_fingerprint(&fp);
+    println!("wrote {}", a.out.display());
+    if !fp.failed_cases.is_empty() {
+        for f in &fp.failed_cases {
+            eprintln!("failed: {}: {}", f.id, f.error);
+        }
+        bail!("{} case(s) could not be fingerprinted (left out of {})", fp.failed_cases.len(), a.out.display());
+    }
+    Ok(())
+}
+
+fn print_fingerprint(fp: &Fingerprint) {
+    println!(
+        "{} labeled + {} unlabeled cases; median spacing (z,y,x) {:.3?} mm; median shape after crop {:.0?}",
+        fp.num_labeled, fp.num_unlabeled, fp.median_spacing, fp.median_shape_after_crop
+    );
+    for ch in &fp.intensity {
+        for (what, s) in [("all voxels", &ch.all_voxels), ("foreground", &ch.foreground)] {
+            println!(
+                "  {} {:<10}: n={} mean {:.2} std {:.2} min {:.1} p0.5 {:.1} p50 {:.1} p99.5 {:.1} max {:.1}",
+                ch.name, what, s.count, s.mean, s.std, s.min, s.percentile_00_5, s.median, s.percentile_99_5, s.max
+            );
+        }
+    }
+}
+
+/// A comma-separated list of whole numbers.
+#[derive(Debug, Clone)]
+pub struct List(pub Vec<usize>);
+
+impl std::str::FromStr for List {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(|p| p.trim().parse::<usize>().map_err(|_| format!("\"{p}\" is not a whole number")))
+            .collect::<Result<_, _>>()
+            .map(List)
+    }
+}
+
+/// Y,X.
+#[derive(Debug, Clone, Copy)]
+pub struct Yx(pub [usize; 2]);
+
+impl std::str::FromStr for Yx {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let v = super::parse_list::<usize>(s, 2)?;
+        Ok(Yx([v[0], v[1]]))
+    }
+}
+
+/// Z,Y,X in mm.
+#[derive(Debug, Clone, Copy)]
+pub struct SpacingZyx(pub [f64; 3]);
+
+impl std::str::FromStr for SpacingZyx {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let v = super::parse_list::<f64>(s, 3)?;
+        Ok(SpacingZyx([v[0], v[1], v[2]]))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// fingerprint.json from `cps3d fingerprint`.
+    fingerprint: PathBuf,
+    /// Output file.
+    #[arg(short, long, default_value = "plans.json")]
+    out: PathBuf,
+    /// Target spacing Z,Y,X in mm (default: nnU-Net's rule on the fingerprint).
+    #[arg(long)]
+    target_spacing: Option<SpacingZyx>,
+    /// 3D patch Z,Y,X (padded up to what the pooling needs; no memory-driven shrinking).
+    #[arg(long)]
+    patch_size: Option<Zyx>,
+    /// 2D patch Y,X.
+    #[arg(long)]
+    patch_size_2d: Option<Yx>,
+    /// 3D features per stage, e.g. 32,64,128,256,320,320.
+    #[arg(long)]
+    features: Option<List>,
+    /// 2D features per stage.
+    #[arg(long)]
+    features_2d: Option<List>,
+    /// Features of the first stage (doubling per stage up to the maximum).
+    #[arg(long)]
+    base_features: Option<usize>,
+    /// Maximum 3D features per stage (nnU-Net: 320).
+    #[arg(long)]
+    max_features: Option<usize>,
+    /// Maximum 2D features per stage (nnU-Net v2: 512; v1 and the paper: 480).
+    #[arg(long)]
+    max_features_2d: Option<usize>,
+    /// GPU memory target in GB for patch and batch size (nnU-Net: 8).
+    #[arg(long)]
+    gpu_memory: Option<f64>,
+    /// Normalise with labeled-foreground statistics (nnU-Net) instead of all voxels (3D-CPS).
+    #[arg(long)]
+    foreground_stats: bool,
+    /// Training epochs (default 1000).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Iterations per epoch (default 250).
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Epochs over which λ rises from 0 to 0.5 (default: a tenth of the epochs).
+    #[arg(long)]
+    lambda_ramp_epochs: Option<usize>,
+    /// λ = 0.5 from the start (the authors' code) instead of the paper's ramp.
+    #[arg(long)]
+    constant_lambda: bool,
+    /// Reduce-on-plateau learning rate (the paper) instead of poly 0.9 (nnU-Net).
+    #[arg(long)]
+    plateau_lr: bool,
+}
+
+pub fn run_plan(a: PlanArgs) -> Result<()> {
+    let fp = Fingerprint::read(&a.fingerprint)?;
+    let o = PlanOverrides {
+        target_spacing: a.target_spacing.map(|s| s.0),
+        patch_size_3d: a.patch_size.map(|p| p.0),
+        patch_size_2d: a.patch_size_2d.map(|p| p.0),
+        features_3d: a.features.map(|f| f.0),
+        features_2d: a.features_2d.map(|f| f.0),
+        base_features: a.base_features,
+        max_features_3d: a.max_features,
+        max_features_2d: a.max_features_2d,
+        gpu_memory_gb: a.gpu_memory,
+        foreground_statistics: a.foreground_stats,
+        epochs: a.epochs,
+        iterations_per_epoch: a.iterations,
+        lambda_ramp_epochs: a.lambda_ramp_epochs,
+        constant_lambda: a.constant_lambda,
+        plateau_lr: a.plateau_lr,
+    };
+    let plans = plan(&fp, &o).with_context(|| format!("planning from {}", a.fingerprint.display()))?;
+    plans.write(&a.out)?;
+    print_plans(&plans);
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn print_plans(p: &Plans) {
+    for (name, c) in &p.configurations {
+        println!(
+            "{name}: spacing {:.3?} mm, median shape {:?}, patch {:?}, batch {} (+{} unlabeled for CPS), {} stages, features {:?}, {} parameters",
+            c.spacing,
+            c.median_shape_after_resampling,
+            c.patch_size,
+            c.batch_size,
+            c.batch_size,
+            c.network.n_stages(),
+            c.network.features_per_stage,
+            c.network.parameter_count
+        );
+        println!("    strides {:?}", c.network.strides);
+        println!("    kernels {:?}", c.network.kernel_sizes);
+    }
+    for (i, n) in p.normalization.iter().enumerate() {
+        println!(
+            "channel {i}: {} normalisation from {}: clip [{:.1}, {:.1}], mean {:.2}, std {:.2}",
+            n.scheme, n.statistics, n.clip_low, n.clip_high, n.mean, n.std
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Experiment planning, as nnU-Net's `experiment_planning/`: the dataset fingerprint
+//! and the plans derived from it.
+
+pub mod fingerprint;
+pub mod intensity;
+pub mod plan;
+pub mod topology;
