@@ -1,0 +1,163 @@
+//! Whole-shard integrity checks, for `cps3d verify DIR`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, StorageError, Stream};
+use crate::format::SHARD_EXTENSION;
+use crate::reader::{Scratch, Shard};
+
+/// Sizes and counts of one shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardSummary {
+    pub path: PathBuf,
+    pub shape: [usize; 3],
+    pub spacing: [f64; 3],
+    pub brick_shape: [usize; 3],
+    pub channels: usize,
+    pub has_labels: bool,
+    /// Bricks per channel and stream.
+    pub bricks: usize,
+    pub image_raw_bytes: u64,
+    pub image_compressed_bytes: u64,
+    pub label_raw_bytes: u64,
+    pub label_compressed_bytes: u64,
+    /// Classes present in the labels.
+    pub classes: usize,
+    /// Class locations stored, all classes together.
+    pub locations: usize,
+    pub file_len: u64,
+}
+
+impl ShardSummary {
+    /// Raw image + label bytes over the file's size.
+    pub fn compression_ratio(&self) -> f64 {
+        (self.image_raw_bytes + self.label_raw_bytes) as f64 / self.file_len as f64
+    }
+
+    pub fn image_ratio(&self) -> f64 {
+        self.image_raw_bytes as f64 / self.image_compressed_bytes.max(1) as f64
+    }
+
+    pub fn label_ratio(&self) -> f64 {
+        self.label_raw_bytes as f64 / self.label_compressed_bytes.max(1) as f64
+    }
+}
+
+/// Opens a shard and checks everything in it: header and index (as `Shard::open` does), every
+/// brick of every stream (checksum, decompression, size), and the class table against the labels
+/// (each present class listed with its exact voxel count, each stored location carrying its
+/// class).
+pub fn verify_shard(path: impl AsRef<Path>) -> Result<ShardSummary> {
+    let shard = Shard::open(path.as_ref())?;
+    let mut scratch = Scratch::new();
+    let grid = *shard.grid();
+    for channel in 0..shard.channels() {
+        for i in 0..grid.len() {
+            shard.load_brick(&mut scratch, Stream::Image, channel, grid.coords(i))?;
+        }
+    }
+    if shard.has_labels() {
+        let shape = shard.shape();
+        let mut labels = vec![0u8; shape.iter().product()];
+        shard.read_label_region(&mut scratch, [0, 0, 0], shape, 0, &mut labels)?;
+        check_classes(&shard, &labels)?;
+    }
+    Ok(shard.summary())
+}
+
+fn check_classes(shard: &Shard, labels: &[u8]) -> Result<()> {
+    let mut counts = [0u64; 256];
+    for &l in labels {
+        counts[l as usize] += 1;
+    }
+    let table = shard.classes();
+    let present = (1..256).filter(|&c| counts[c] > 0).count();
+    let mismatch = |reason: String| StorageError::corrupt(shard.path(), reason);
+    if present != table.len() {
+        return Err(mismatch(format!("labels hold {present} classes, the class table lists {}", table.len())));
+    }
+    for info in table {
+        let actual = counts[info.class as usize];
+        if actual != info.voxels {
+            return Err(mismatch(format!("class {} has {actual} voxels, the table says {}", info.class, info.voxels)));
+        }
+        let locations = shard.class_locations(info.class);
+        for i in 0..locations.len() {
+            let voxel = locations.linear(i).unwrap_or(u32::MAX) as usize;
+            match labels.get(voxel) {
+                Some(&l) if l == info.class => {}
+                other => {
+                    return Err(StorageError::BadLocation {
+                        path: shard.path().to_path_buf(),
+                        class: info.class,
+                        index: i,
+                        voxel: voxel as u64,
+                        reason: format!("carries label {other:?}"),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Verifies every `*.shard` file under `dir` (recursively; hidden names such as the writer's
+/// temporary files are skipped), sorted by path. A directory that cannot be listed appears as an
+/// entry with its error, so the caller only has to look for `Err`s.
+pub fn verify_dir(dir: impl AsRef<Path>) -> Vec<(PathBuf, Result<ShardSummary>)> {
+    let mut found = Vec::new();
+    let mut errors = Vec::new();
+    collect_shards(dir.as_ref(), &mut found, &mut errors);
+    found.sort();
+    let mut results: Vec<_> = found
+        .into_iter()
+        .map(|p| {
+            let r = verify_shard(&p);
+            (p, r)
+        })
+        .collect();
+    results.extend(errors);
+    results
+}
+
+/// The `*.shard` files under `dir`, recursively, sorted; hidden entries are skipped.
+pub fn find_shards(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut errors = Vec::new();
+    collect_shards(dir.as_ref(), &mut found, &mut errors);
+    if let Some((_, Err(e))) = errors.into_iter().next() {
+        return Err(e);
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn collect_shards(dir: &Path, found: &mut Vec<PathBuf>, errors: &mut Vec<(PathBuf, Result<ShardSummary>)>) {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            errors.push((dir.to_path_buf(), Err(StorageError::io(dir, "listing the directory", e))));
+            return;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push((dir.to_path_buf(), Err(StorageError::io(dir, "listing the directory", e))));
+                continue;
+            }
+        };
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        // Follows symlinks, so a directory of links to shards verifies too.
+        if path.is_dir() {
+            collect_shards(&path, found, errors);
+        } else if path.extension().is_some_and(|e| e == SHARD_EXTENSION) {
+            found.push(path);
+        }
+    }
+}
