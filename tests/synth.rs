@@ -80,7 +80,7 @@ fn phantoms_are_valid_varied_and_labeled_with_flare_ids() {
         }
         let img = cps3d::io::read_image(&d.join(format!("imagesTr/phantom_{i:04}_0000.nii.gz"))).unwrap();
         let (lo, hi) = img.data.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-        assert!(lo >= -1024.0 && lo < -900.0 && hi > 300.0 && hi <= 3071.0, "HU range {lo}..{hi}");
+        assert!((-1024.0..-900.0).contains(&lo) && hi > 300.0 && hi <= 3071.0, "HU range {lo}..{hi}");
     }
     assert!(seen.iter().all(|&s| s), "every FLARE organ appears somewhere: {seen:?}");
     assert!(!d.join("labelsTr/unlabeled_00000.nii.gz").exists());

@@ -3,8 +3,10 @@
 
 mod dataset;
 mod planning;
+mod preprocess;
 mod progress;
 mod synth;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -46,6 +48,10 @@ enum Command {
     Fingerprint(planning::FingerprintArgs),
     /// Plans from a fingerprint: nnU-Net's heuristics for 3d_fullres and 2d, plus CPS training settings.
     Plan(planning::PlanArgs),
+    /// Crop, resample and write shards (resumable; one scan in memory per worker).
+    Preprocess(preprocess::PreprocessArgs),
+    /// Check every shard (bricks, locations, header); list the bad ones, exit non-zero if any.
+    Verify(verify::VerifyArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -78,6 +84,8 @@ pub fn run() -> ExitCode {
         Command::Synth(args) => synth::run(args),
         Command::Fingerprint(args) => planning::fingerprint(args),
         Command::Plan(args) => planning::run_plan(args),
+        Command::Preprocess(args) => preprocess::run(args),
+        Command::Verify(args) => verify::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

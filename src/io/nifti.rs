@@ -222,7 +222,8 @@ pub fn read_labels(path: &Path) -> Result<Volume<u8>> {
     let (file_data, geometry) = read_file_order_f32(path)?;
     let mut bad: Option<f32> = None;
     let labels = file_data.mapv(|v| {
-        if v.fract() != 0.0 || !(0.0..=255.0).contains(&v) {
+        // A saturating cast that round-trips is a whole number in 0..=255 (and no libm call).
+        if (v as u8) as f32 != v {
             bad.get_or_insert(v);
             0
         } else {

@@ -1,4 +1,366 @@
-//! Preprocessing, as nnU-Net's `preprocessing/`: crop to the nonzero box, resample to
-//! the plan's spacing, and write shards.
+//! Preprocessing, as nnU-Net's `preprocessing/`: per case, reorient (reading does),
+//! crop to the nonzero box, resample to the plan's spacing, and write one shard
+//! holding the image (int16), the labels and per-class foreground locations.
+//!
+//! Intensities are stored as they are (HU for CT); the plan's normalisation is
+//! applied by the loader, so a change of normalisation needs no re-preprocessing.
+//! Runs are resumable: a finished shard (written atomically) is skipped on a rerun.
 
 pub mod resample;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::{s, Array3};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Case, RawDataset};
+use crate::error::{Error, Result};
+use crate::io::{self, geometry, geometry::Affine};
+use crate::planning::fingerprint::nonzero_box;
+use crate::planning::plan::{Normalization, Plans};
+use resample::{resample_image, resample_labels, separate_axis};
+
+pub const MANIFEST: &str = "manifest.json";
+
+/// What a shard's metadata records about its case (JSON in the shard).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaseMeta {
+    pub id: String,
+    pub labeled: bool,
+    pub images: Vec<PathBuf>,
+    pub label: Option<PathBuf>,
+    /// Canonical (z, y, x) shape and spacing of the raw scan.
+    pub original_shape: [usize; 3],
+    pub original_spacing: [f64; 3],
+    pub original_axis_codes: String,
+    /// Half-open [start, end) per canonical axis of the nonzero crop.
+    pub crop_box: [[usize; 2]; 3],
+    pub shape: [usize; 3],
+    /// The plan's target spacing, and the spacing the rounded shape really gives.
+    pub target_spacing: [f64; 3],
+    pub spacing: [f64; 3],
+    /// Shard voxel (z, y, x) to world RAS+ mm.
+    pub affine: Affine,
+    /// Whether one axis was resampled separately (nearest), and which.
+    pub separate_axis: Option<usize>,
+    pub normalization: Vec<Normalization>,
+}
+
+/// One case of the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestCase {
+    pub id: String,
+    pub labeled: bool,
+    pub shard: String,
+    pub shape: [usize; 3],
+}
+
+/// `manifest.json` in the shard folder: which shards make the training set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub configuration: String,
+    /// The configuration's target spacing ((z, y, x), or (y, x) for 2D).
+    pub spacing: Vec<f64>,
+    pub num_classes: usize,
+    pub normalization: Vec<Normalization>,
+    pub cases: Vec<ManifestCase>,
+    pub failed: Vec<FailedCase>,
+}
+
+impl Manifest {
+    pub fn read(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::json(path, e))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailedCase {
+    pub id: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PreprocessOptions {
+    pub configuration: String,
+    pub workers: usize,
+    pub brick_shape: [usize; 3],
+    pub zstd_level: i32,
+    /// Redo cases whose shard exists.
+    pub overwrite: bool,
+}
+
+impl Default for PreprocessOptions {
+    fn default() -> Self {
+        PreprocessOptions {
+            configuration: "3d_fullres".into(),
+            workers: 1,
+            brick_shape: cps3d_storage::DEFAULT_BRICK_SHAPE,
+            zstd_level: cps3d_storage::DEFAULT_ZSTD_LEVEL,
+            overwrite: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PreprocessSummary {
+    pub written: usize,
+    pub skipped_existing: usize,
+    pub failed: Vec<FailedCase>,
+    pub seconds: f64,
+    /// Bytes of raw input voxels read (as float32 in memory) and of shards written.
+    pub input_voxels: u64,
+    pub shard_bytes: u64,
+}
+
+/// (written now, shard shape, input bytes read, shard bytes written) of one case.
+type CaseOutcome = (bool, [usize; 3], u64, u64);
+
+/// A case after crop and resampling, before it is written.
+pub struct Preprocessed {
+    pub meta: CaseMeta,
+    /// `[channel][z][y][x]`.
+    pub image: Vec<Array3<f32>>,
+    pub labels: Option<Array3<u8>>,
+}
+
+/// The target spacing of a configuration as (z, y, x).
+fn target_spacing(plans: &Plans, configuration: &str) -> Result<[f64; 3]> {
+    let c = plans.configuration(configuration).ok_or_else(|| {
+        Error::invalid(
+            "plans",
+            format!("no configuration \"{configuration}\" (have: {:?})", plans.configurations.keys()),
+        )
+    })?;
+    match c.spacing.as_slice() {
+        [z, y, x] => Ok([*z, *y, *x]),
+        // 2D: slices keep their own z spacing; only y, x are resampled.
+        [y, x] => Ok([f64::NAN, *y, *x]),
+        other => Err(Error::invalid("plans", format!("spacing {other:?} is neither 2D nor 3D"))),
+    }
+}
+
+/// Reads, crops and resamples one case.
+pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Result<Preprocessed> {
+    let target = target_spacing(plans, configuration)?;
+    let mut channels = Vec::with_capacity(case.images.len());
+    let mut geometry = None;
+    for path in &case.images {
+        let v = io::read_image(path)?;
+        if let Some(g0) = &geometry {
+            if let Some(m) = crate::dataset::check::geometry_mismatch(g0, &v.geometry) {
+                return Err(Error::invalid(path, format!("channel {}", m.replace("its image's", "channel 0's"))));
+            }
+        } else {
+            geometry = Some(v.geometry.clone());
+        }
+        if let Some(bad) = v.data.iter().position(|x| !x.is_finite()) {
+            return Err(Error::invalid(path, format!("non-finite voxel (NaN or Inf) at flat index {bad}")));
+        }
+        channels.push(v.data);
+    }
+    let geometry = geometry.ok_or_else(|| Error::invalid(&case.id, "case has no image"))?;
+    let labels = match &case.label {
+        Some(p) => {
+            let l = io::read_labels(p)?;
+            if let Some(m) = crate::dataset::check::geometry_mismatch(&geometry, &l.geometry) {
+                return Err(Error::invalid(p, m));
+            }
+            let max_label = plans.num_classes.saturating_sub(1) as u8;
+            if let Some(&v) = l.data.iter().find(|&&v| v > max_label) {
+                return Err(Error::invalid(
+                    p,
+                    format!("label value {v} is above the plan's largest class {max_label}"),
+                ));
+            }
+            Some(l.data)
+        }
+        None => None,
+    };
+    let bbox = nonzero_box(&channels);
+    let crop = s![bbox[0][0]..bbox[0][1], bbox[1][0]..bbox[1][1], bbox[2][0]..bbox[2][1]];
+    let cropped_shape = [bbox[0][1] - bbox[0][0], bbox[1][1] - bbox[1][0], bbox[2][1] - bbox[2][0]];
+    let spacing = geometry.spacing();
+    let target = [if target[0].is_nan() { spacing[0] } else { target[0] }, target[1], target[2]];
+    let new_shape: [usize; 3] =
+        std::array::from_fn(|a| ((cropped_shape[a] as f64 * spacing[a] / target[a]).round() as usize).max(1));
+    let sep = separate_axis(spacing, target, crate::planning::plan::ANISO_THRESHOLD);
+    let full = cropped_shape == geometry.shape();
+    // Without a crop the volumes move on as they are: no copy.
+    let image: Vec<Array3<f32>> = channels
+        .into_iter()
+        .map(|c| resample_image(if full { c } else { c.slice(crop).to_owned() }, new_shape, sep))
+        .collect();
+    let labels = labels.map(|l| resample_labels(&if full { l } else { l.slice(crop).to_owned() }, new_shape, sep));
+
+    // Shard voxel o maps to raw canonical voxel crop_start + (o + 0.5)·n_in/n_out − 0.5.
+    let mut to_raw = geometry::identity();
+    for a in 0..3 {
+        let f = cropped_shape[a] as f64 / new_shape[a] as f64;
+        to_raw[a][a] = f;
+        to_raw[a][3] = bbox[a][0] as f64 + 0.5 * f - 0.5;
+    }
+    let affine = geometry::matmul(&geometry.affine(), &to_raw);
+    let meta = CaseMeta {
+        id: case.id.clone(),
+        labeled: case.is_labeled(),
+        images: case.images.clone(),
+        label: case.label.clone(),
+        original_shape: geometry.shape(),
+        original_spacing: spacing,
+        original_axis_codes: geometry.axis_codes(),
+        crop_box: bbox,
+        shape: new_shape,
+        target_spacing: target,
+        spacing: geometry::column_norms(&affine),
+        affine,
+        separate_axis: sep,
+        normalization: plans.normalization.clone(),
+    };
+    Ok(Preprocessed { meta, image, labels })
+}
+
+/// CT is stored in whole HU (rounding costs at most 0.5 HU, far below CT noise);
+/// other modalities through a linear map of their range onto int16.
+fn to_i16(image: &[Array3<f32>], ct: bool) -> (Vec<i16>, f32, f32) {
+    let values = || image.iter().flat_map(|c| c.iter().copied());
+    // Round half away from zero with a truncating cast (no libm call per voxel).
+    let round = |v: f32| (v.clamp(-32768.0, 32767.0) + 0.5f32.copysign(v)) as i32 as i16;
+    if ct {
+        return (values().map(round).collect(), 1.0, 0.0);
+    }
+    let (lo, hi) = values().fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(v), b.max(v)));
+    let scale = ((hi - lo) / 65535.0).max(f32::MIN_POSITIVE);
+    let offset = lo + 32768.0 * scale;
+    (values().map(|v| round((v - offset) / scale)).collect(), scale, offset)
+}
+
+fn shard_path(out: &Path, id: &str) -> PathBuf {
+    out.join(format!("{id}.{}", cps3d_storage::SHARD_EXTENSION))
+}
+
+/// A shard that opens and was made for this plan's target spacing counts as done.
+fn is_done(path: &Path, target: [f64; 3]) -> bool {
+    let Ok(shard) = cps3d_storage::Shard::open(path) else { return false };
+    let Ok(meta) = serde_json::from_str::<CaseMeta>(shard.metadata()) else { return false };
+    (0..3).all(|a| target[a].is_nan() || (meta.target_spacing[a] - target[a]).abs() < 1e-9)
+}
+
+fn write_case(p: &Preprocessed, path: &Path, opts: &PreprocessOptions) -> Result<u64> {
+    let ct = p.meta.normalization.iter().all(|n| n.scheme == "CT");
+    let (raw, scale, offset) = to_i16(&p.image, ct);
+    let labels = p.labels.as_ref().map(|l| l.as_standard_layout().into_owned());
+    let labels_flat = labels.as_ref().map(|l| l.as_slice().expect("standard layout"));
+    let meta = serde_json::to_string(&p.meta).map_err(|e| Error::json(path, e))?;
+    let mut input = cps3d_storage::ShardInput::new(p.meta.shape, p.meta.spacing, &raw)
+        .with_channels(p.image.len())
+        .with_intensity_map(scale, offset)
+        .with_metadata(&meta);
+    if let Some(l) = labels_flat {
+        input = input.with_labels(l);
+    }
+    let writer =
+        cps3d_storage::ShardWriter::default().with_brick_shape(opts.brick_shape).with_zstd_level(opts.zstd_level);
+    let summary = writer.write(path, &input).map_err(|e| Error::invalid(path, e.to_string()))?;
+    Ok(summary.file_len)
+}
+
+/// Removes temporary shard files (`.{name}.{pid}.{n}.tmp`) left by a killed run: only
+/// those whose process is gone, so a run writing into the same folder is not disturbed.
+fn remove_stale_temporaries(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.ends_with(".tmp")) {
+            continue;
+        }
+        let pid = name.rsplit('.').nth(2).and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if pid.is_some() && !alive {
+            tracing::info!("removing {} left by an interrupted run", e.path().display());
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Preprocesses every case of a raw dataset into `out`. A bad case is reported with
+/// its file and reason and the others go on; the manifest lists the shards present.
+pub fn preprocess_dataset(
+    root: &Path,
+    plans: &Plans,
+    out: &Path,
+    opts: &PreprocessOptions,
+    mut on_case: impl FnMut(&str, bool),
+) -> Result<PreprocessSummary> {
+    let start = Instant::now();
+    let ds = RawDataset::open(root)?;
+    if let Some(e) = ds.layout_problems.first() {
+        return Err(Error::invalid(
+            root,
+            format!("{} layout problem(s), first: {e} (run `cps3d dataset check`)", ds.layout_problems.len()),
+        ));
+    }
+    let target = target_spacing(plans, &opts.configuration)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    remove_stale_temporaries(out);
+    crate::util::write_json_atomic(&out.join("plans.json"), plans)?;
+    let cases: Vec<Case> = ds.cases().cloned().collect();
+    let mut summary = PreprocessSummary::default();
+    let mut done: Vec<ManifestCase> = Vec::new();
+    cps3d_actors::pool::for_each_bounded(
+        cases,
+        opts.workers,
+        |case: Case| -> (Case, Result<CaseOutcome>) {
+            let path = shard_path(out, &case.id);
+            if !opts.overwrite && is_done(&path, target) {
+                let shape = cps3d_storage::Shard::open(&path).map(|s| s.shape()).unwrap_or([0; 3]);
+                return (case, Ok((false, shape, 0, 0)));
+            }
+            let r = preprocess_case(&case, plans, &opts.configuration).and_then(|p| {
+                let input_bytes = p.meta.original_shape.iter().product::<usize>() as u64 * 4 * p.image.len() as u64;
+                let bytes = write_case(&p, &path, opts)?;
+                Ok((true, p.meta.shape, input_bytes, bytes))
+            });
+            (case, r)
+        },
+        |r| match r {
+            Ok((case, Ok((written, shape, input, bytes)))) => {
+                if written {
+                    summary.written += 1;
+                } else {
+                    summary.skipped_existing += 1;
+                }
+                summary.input_voxels += input;
+                summary.shard_bytes += bytes;
+                on_case(&case.id, true);
+                done.push(ManifestCase {
+                    shard: shard_path(Path::new(""), &case.id).to_string_lossy().into_owned(),
+                    labeled: case.is_labeled(),
+                    id: case.id,
+                    shape,
+                });
+            }
+            Ok((case, Err(e))) => {
+                on_case(&case.id, false);
+                summary.failed.push(FailedCase { id: case.id, error: e.to_string() });
+            }
+            Err(panic) => {
+                summary.failed.push(FailedCase { id: "?".into(), error: format!("worker panicked: {panic}") })
+            }
+        },
+    );
+    done.sort_by(|a, b| (!a.labeled, &a.id).cmp(&(!b.labeled, &b.id)));
+    summary.failed.sort_by(|a, b| a.id.cmp(&b.id));
+    let manifest = Manifest {
+        configuration: opts.configuration.clone(),
+        spacing: plans.configurations[&opts.configuration].spacing.clone(),
+        num_classes: plans.num_classes,
+        normalization: plans.normalization.clone(),
+        cases: done,
+        failed: summary.failed.clone(),
+    };
+    crate::util::write_json_atomic(&out.join(MANIFEST), &manifest)?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}

@@ -117,17 +117,22 @@ fn resample_axis(data: ArrayView3<'_, f32>, axis: usize, n_out: usize, interp: I
 }
 
 /// Resamples an image to `new_shape`: cubic, except the separate axis (if any),
-/// which uses nearest neighbour.
-pub fn resample_image(data: &Array3<f32>, new_shape: [usize; 3], separate: Option<usize>) -> Array3<f32> {
-    let mut current = data.as_standard_layout().into_owned();
+/// which uses nearest neighbour. Takes the volume by value: an axis that keeps its
+/// size costs no copy.
+pub fn resample_image(data: Array3<f32>, new_shape: [usize; 3], separate: Option<usize>) -> Array3<f32> {
+    let in_shape = [data.shape()[0], data.shape()[1], data.shape()[2]];
+    let mut current = if data.is_standard_layout() { data } else { data.as_standard_layout().into_owned() };
     // Shrinking axes first keeps the intermediate volumes small.
     let mut order = [0usize, 1, 2];
     order.sort_by(|&a, &b| {
-        let ra = new_shape[a] as f64 / data.shape()[a] as f64;
-        let rb = new_shape[b] as f64 / data.shape()[b] as f64;
+        let ra = new_shape[a] as f64 / in_shape[a] as f64;
+        let rb = new_shape[b] as f64 / in_shape[b] as f64;
         ra.total_cmp(&rb)
     });
     for axis in order {
+        if current.shape()[axis] == new_shape[axis] {
+            continue;
+        }
         let interp = if Some(axis) == separate { Interp::Nearest } else { Interp::Cubic };
         current = resample_axis(current.view(), axis, new_shape[axis], interp);
     }
@@ -153,26 +158,45 @@ pub fn resample_labels(labels: &Array3<u8>, new_shape: [usize; 3], separate: Opt
     let mut idx = 0;
     for z in &tz {
         for y in &ty {
+            // The (z, y) neighbours of this output row and their weights, found once.
+            let mut rows = [(0usize, 0f32); 4];
+            let mut n_rows = 0;
+            for &(iz, wz) in &z[..2] {
+                for &(iy, wy) in &y[..2] {
+                    if wz * wy > 0.0 {
+                        rows[n_rows] = (iz * sz + iy * sy, wz * wy);
+                        n_rows += 1;
+                    }
+                }
+            }
+            let rows = &rows[..n_rows];
             for x in &tx {
-                // Up to 8 neighbours; sum the weight of each label among them.
+                let first = src[rows[0].0 + x[0].0];
+                // Most voxels lie inside one structure: all neighbours agree.
+                let uniform =
+                    rows.iter().all(|&(r, _)| src[r + x[0].0] == first && (x[1].1 <= 0.0 || src[r + x[1].0] == first));
+                if uniform {
+                    dst[idx] = first;
+                    idx += 1;
+                    continue;
+                }
+                // Sum the weight of each label among the (up to 8) neighbours.
                 let mut labels_seen = [0u8; 8];
                 let mut weights = [0f32; 8];
                 let mut n = 0usize;
-                for &(iz, wz) in &z[..2] {
-                    for &(iy, wy) in &y[..2] {
-                        for &(ix, wx) in &x[..2] {
-                            let w = wz * wy * wx;
-                            if w <= 0.0 {
-                                continue;
-                            }
-                            let l = src[iz * sz + iy * sy + ix];
-                            match labels_seen[..n].iter().position(|&s| s == l) {
-                                Some(k) => weights[k] += w,
-                                None => {
-                                    labels_seen[n] = l;
-                                    weights[n] = w;
-                                    n += 1;
-                                }
+                for &(r, wzy) in rows {
+                    for &(ix, wx) in &x[..2] {
+                        let w = wzy * wx;
+                        if w <= 0.0 {
+                            continue;
+                        }
+                        let l = src[r + ix];
+                        match labels_seen[..n].iter().position(|&s| s == l) {
+                            Some(k) => weights[k] += w,
+                            None => {
+                                labels_seen[n] = l;
+                                weights[n] = w;
+                                n += 1;
                             }
                         }
                     }
@@ -201,7 +225,7 @@ mod tests {
         let data = Array3::from_elem((7, 9, 11), 42.5f32);
         for shape in [[14, 9, 5], [3, 20, 11], [7, 9, 11]] {
             for sep in [None, Some(0)] {
-                let out = resample_image(&data, shape, sep);
+                let out = resample_image(data.clone(), shape, sep);
                 assert_eq!(out.shape(), shape);
                 assert!(out.iter().all(|&v| (v - 42.5).abs() < 1e-4));
             }
@@ -214,7 +238,7 @@ mod tests {
         // ramp at the mapped coordinates away from the clamped border.
         let data = Array3::from_shape_fn((10, 12, 14), |(z, y, x)| 2.0 * x as f32 + 3.0 * y as f32 - z as f32);
         let shape = [20, 24, 28];
-        let out = resample_image(&data, shape, None);
+        let out = resample_image(data.clone(), shape, None);
         let coord = |o: usize, n_in: usize, n_out: usize| (o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5;
         for z in 4..16 {
             for y in 4..20 {
@@ -257,7 +281,7 @@ mod tests {
         let lab = Array3::from_shape_fn((5, 6, 7), |(z, y, x)| ((z + y + x) % 4) as u8);
         assert_eq!(resample_labels(&lab, [5, 6, 7], None), lab);
         let img = lab.mapv(f32::from);
-        let out = resample_image(&img, [10, 6, 7], Some(0));
+        let out = resample_image(img.clone(), [10, 6, 7], Some(0));
         for z in 0..10 {
             assert_eq!(out.index_axis(Axis(0), z), img.index_axis(Axis(0), z / 2));
         }

@@ -1,0 +1,81 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::{progress, Zyx};
+use cps3d::planning::plan::Plans;
+use cps3d::preprocessing::{preprocess_dataset, PreprocessOptions};
+
+#[derive(Args, Debug)]
+pub struct PreprocessArgs {
+    /// Raw dataset folder.
+    dataset: PathBuf,
+    /// plans.json from `cps3d plan`.
+    #[arg(short, long, default_value = "plans.json")]
+    plans: PathBuf,
+    /// Output folder for the shards (and manifest.json, plans.json).
+    #[arg(short, long, default_value = "shards")]
+    out: PathBuf,
+    /// Configuration of the plan to preprocess for.
+    #[arg(short, long, default_value = "3d_fullres")]
+    configuration: String,
+    /// Worker threads (one scan in memory per worker).
+    #[arg(short = 'j', long, default_value_t = super::default_workers())]
+    workers: usize,
+    /// Redo cases whose shard already exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Brick shape Z,Y,X of the shards.
+    #[arg(long)]
+    brick: Option<Zyx>,
+    /// zstd level of the shards.
+    #[arg(long)]
+    zstd_level: Option<i32>,
+}
+
+pub fn run(a: PreprocessArgs) -> Result<()> {
+    let plans = Plans::read(&a.plans)?;
+    let mut opts = PreprocessOptions {
+        configuration: a.configuration.clone(),
+        workers: a.workers,
+        overwrite: a.overwrite,
+        ..Default::default()
+    };
+    if let Some(b) = a.brick {
+        opts.brick_shape = b.0;
+    }
+    if let Some(l) = a.zstd_level {
+        opts.zstd_level = l;
+    }
+    let total = cps3d::dataset::RawDataset::open(&a.dataset).map(|d| d.cases().count()).unwrap_or(0);
+    let pb = progress::bar(total as u64, "preprocess");
+    let summary = preprocess_dataset(&a.dataset, &plans, &a.out, &opts, |id, ok| {
+        if !ok {
+            tracing::warn!("failed: {id}");
+        }
+        pb.set_message(id.to_string());
+        pb.inc(1);
+    })
+    .with_context(|| format!("preprocessing {} into {}", a.dataset.display(), a.out.display()))?;
+    pb.finish_and_clear();
+    let mb_in = summary.input_voxels as f64 / 1e6;
+    println!(
+        "{} written, {} already done, {} failed in {:.1} s ({:.1} cases/min, {:.1} MB/s of float32 input); shards {:.1} MB in {}",
+        summary.written,
+        summary.skipped_existing,
+        summary.failed.len(),
+        summary.seconds,
+        summary.written as f64 / summary.seconds.max(1e-9) * 60.0,
+        mb_in / summary.seconds.max(1e-9),
+        summary.shard_bytes as f64 / 1e6,
+        a.out.display()
+    );
+    if !summary.failed.is_empty() {
+        for f in &summary.failed {
+            eprintln!("failed: {}: {}", f.id, f.error);
+        }
+        bail!("{} case(s) failed; the others are in {}", summary.failed.len(), a.out.display());
+    }
+    Ok(())
+}
