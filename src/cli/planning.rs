@@ -145,6 +145,9 @@ pub struct PlanArgs {
     /// Reduce-on-plateau learning rate (the paper) instead of poly 0.9 (nnU-Net).
     #[arg(long)]
     plateau_lr: bool,
+    /// Switch all training augmentation off (it can also be edited per transform in plans.json).
+    #[arg(long)]
+    no_augmentation: bool,
 }
 
 pub fn run_plan(a: PlanArgs) -> Result<()> {
@@ -165,6 +168,7 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         lambda_ramp_epochs: a.lambda_ramp_epochs,
         constant_lambda: a.constant_lambda,
         plateau_lr: a.plateau_lr,
+        no_augmentation: a.no_augmentation,
     };
     let plans = plan(&fp, &o).with_context(|| format!("planning from {}", a.fingerprint.display()))?;
     plans.write(&a.out)?;

@@ -138,6 +138,9 @@ pub struct Plans {
     pub original_median_shape: [f64; 3],
     pub configurations: BTreeMap<String, ConfigurationPlan>,
     pub cps: CpsSettings,
+    /// Training augmentation (nnU-Net's defaults; every transform switchable).
+    #[serde(default)]
+    pub augmentation: cps3d_actors::augment::AugmentConfig,
 }
 
 impl Plans {
@@ -175,6 +178,8 @@ pub struct PlanOverrides {
     pub lambda_ramp_epochs: Option<usize>,
     pub constant_lambda: bool,
     pub plateau_lr: bool,
+    /// Train without augmentation (ablations, data-path benchmarks).
+    pub no_augmentation: bool,
 }
 
 /// Median spacing, except that a very coarse axis of a dataset with few voxels
@@ -417,6 +422,11 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
         original_median_shape: original_shape,
         configurations,
         cps,
+        augmentation: if overrides.no_augmentation {
+            cps3d_actors::augment::AugmentConfig::none()
+        } else {
+            cps3d_actors::augment::AugmentConfig::default()
+        },
     })
 }
 
