@@ -4,4 +4,6 @@
 //! Nothing here links libtorch, so it builds and benchmarks in seconds.
 
 pub mod augment;
+pub mod datapath;
 pub mod pool;
+pub mod telemetry;

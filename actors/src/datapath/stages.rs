@@ -1,0 +1,272 @@
+//! The worker loops of the three stages. Each runs on its own thread, blocks on
+//! bounded channels (with the stop channel in every `select!`), and reports busy and
+//! blocked time. A panic ends the thread; the coordinator starts a replacement.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{select, Sender};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+
+use super::sampler::{patch_origin, ShardCache};
+use super::{AugmentedSample, Batch, RawSample, Shared, Stage};
+use crate::augment::{Augmenter, IGNORE_LABEL};
+use crate::pool::panic_message;
+
+/// SplitMix64 over the run seed, the stage, the worker and its generation.
+fn seed_for(seed: u64, stage: u64, id: usize, generation: u32) -> u64 {
+    let mut z = seed ^ (stage << 56) ^ ((id as u64) << 32) ^ generation as u64;
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Starts worker `id` of `stage` (its `generation`-th incarnation).
+pub(crate) fn spawn(shared: Arc<Shared>, stage: Stage, id: usize, generation: u32) {
+    let sh = shared.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("{}-{id}", stage.name()))
+        .spawn(move || {
+            let r = catch_unwind(AssertUnwindSafe(|| match stage {
+                Stage::Loader => loader(&sh, id, generation),
+                Stage::Augmenter => augmenter(&sh, id),
+                Stage::Batcher => batcher(&sh),
+            }));
+            if let Err(p) = r {
+                let msg = panic_message(p.as_ref());
+                sh.telemetry.stage(stage.name()).restarts.fetch_add(1, Ordering::Relaxed);
+                if !sh.stopping() {
+                    if let Some(c) = sh.coordinator.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        c.worker_down(stage, id, generation, msg);
+                    }
+                }
+            }
+        })
+        .expect("spawning a data-path thread");
+    shared.handles.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+}
+
+/// Sends unless the path is stopping; false when it is.
+fn send<T>(sh: &Shared, tx: &Sender<T>, item: T, stats: &crate::telemetry::StageStats) -> bool {
+    let t = Instant::now();
+    let sent = select! {
+        send(tx, item) -> r => r.is_ok(),
+        recv(sh.stop_rx) -> _ => false,
+    };
+    stats.add_send_blocked(t);
+    sent && !sh.stopping()
+}
+
+fn maybe_fault(sh: &Shared, stage: Stage, handled: u64) {
+    if let Some(f) = sh.cfg.fault {
+        if f.stage == stage && f.every > 0 && handled > 0 && handled % f.every == 0 {
+            panic!("injected fault in {} after {handled} items", stage.name());
+        }
+    }
+}
+
+/// Errors on one shard before the loader stops sampling it.
+const SHARD_ERROR_LIMIT: u32 = 3;
+/// Failed reads in a row after which the data path gives up instead of spinning.
+const CONSECUTIVE_FAILURE_LIMIT: u32 = 200;
+
+fn loader(sh: &Shared, id: usize, generation: u32) {
+    let cfg = &sh.cfg;
+    let stats = sh.telemetry.stage("loader");
+    let mut rng = Pcg64Mcg::seed_from_u64(seed_for(cfg.seed, 1, id, generation));
+    // Only to draw augmentations and size regions: it holds no buffers.
+    let planner = Augmenter::new(cfg.augmentation, cfg.patch, cfg.channels, &[]).expect("validated at start");
+    let mut cache = ShardCache::new(cfg.open_shards_per_loader);
+    let mut scratch = cps3d_storage::Scratch::new();
+    let mut shard_errors: HashMap<(bool, usize), u32> = HashMap::new();
+    let mut excluded: HashSet<(bool, usize)> = HashSet::new();
+    let per_batch = (cfg.labeled_batch + cfg.unlabeled_batch) as u64;
+    let (mut k, mut handled, mut consecutive_failures) = (0u64, 0u64, 0u32);
+    while !sh.stopping() {
+        let t = Instant::now();
+        // Labeled and unlabeled in the batch's proportion, in a fixed order.
+        let labeled = (k % per_batch) < cfg.labeled_batch as u64;
+        k += 1;
+        let list = if labeled { &cfg.labeled } else { &cfg.unlabeled };
+        let live: Vec<usize> = (0..list.len()).filter(|i| !excluded.contains(&(labeled, *i))).collect();
+        if live.is_empty() {
+            sh.fail(format!(
+                "every {} shard failed {SHARD_ERROR_LIMIT} times",
+                if labeled { "labeled" } else { "unlabeled" }
+            ));
+            return;
+        }
+        let idx = live[rng.random_range(0..live.len())];
+        let foreground = labeled && rng.random_bool(cfg.oversample_foreground.clamp(0.0, 1.0));
+        let draw = planner.draw(&mut rng);
+        let result = cache.get(if labeled { idx } else { idx + cfg.labeled.len() }, &list[idx]).and_then(|shard| {
+            let (origin, forced) = patch_origin(&shard, cfg.patch, foreground, &mut rng);
+            let region = planner.required_region(&draw);
+            let rorigin: [i64; 3] = std::array::from_fn(|a| origin[a] - ((region[a] - cfg.patch[a]) / 2) as i64);
+            let rn: usize = region.iter().product();
+            let (mut image, mut labels) = sh.raw_pool.1.try_recv().unwrap_or_default();
+            image.resize(rn * cfg.channels, 0.0);
+            // NaN marks padding; it becomes 0 after normalisation (nnU-Net pads with 0).
+            shard.read_image_region_f32(&mut scratch, rorigin, region, f32::NAN, &mut image)?;
+            for (c, norm) in cfg.normalization.iter().enumerate() {
+                for v in &mut image[c * rn..(c + 1) * rn] {
+                    *v = if v.is_nan() { 0.0 } else { norm.apply(*v) };
+                }
+            }
+            if labeled {
+                labels.resize(rn, 0);
+                shard.read_label_region(&mut scratch, rorigin, region, IGNORE_LABEL, &mut labels)?;
+            } else {
+                labels.clear();
+            }
+            Ok(RawSample { case: idx, labeled, forced_foreground: forced, region, image, labels, draw })
+        });
+        match result {
+            Ok(sample) => {
+                consecutive_failures = 0;
+                handled += 1;
+                maybe_fault(sh, super::Stage::Loader, handled);
+                stats.add_busy(t);
+                stats.items.fetch_add(1, Ordering::Relaxed);
+                if !send(sh, &sh.raw.0, sample, stats) {
+                    return;
+                }
+            }
+            Err(e) => {
+                stats.add_busy(t);
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("loader {id}: {e}; sample skipped");
+                let n = shard_errors.entry((labeled, idx)).or_insert(0);
+                *n += 1;
+                if *n >= SHARD_ERROR_LIMIT {
+                    tracing::warn!("loader {id}: {} failed {n} times; no longer sampled", list[idx].path.display());
+                    excluded.insert((labeled, idx));
+                }
+                consecutive_failures += 1;
+                if consecutive_failures >= CONSECUTIVE_FAILURE_LIMIT {
+                    sh.fail(format!("{consecutive_failures} reads in a row failed; last: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn augmenter(sh: &Shared, _id: usize) {
+    let cfg = &sh.cfg;
+    let stats = sh.telemetry.stage("augmenter");
+    let mut aug =
+        Augmenter::new(cfg.augmentation, cfg.patch, cfg.channels, &cfg.ds_scales).expect("validated at start");
+    let mut handled = 0u64;
+    loop {
+        let t = Instant::now();
+        let raw: RawSample = select! {
+            recv(sh.raw.1) -> r => match r { Ok(r) => r, Err(_) => return },
+            recv(sh.stop_rx) -> _ => return,
+        };
+        stats.add_recv_blocked(t);
+        if sh.stopping() {
+            return;
+        }
+        let t = Instant::now();
+        let mut sample = sh.sample_pool.1.try_recv().unwrap_or_default();
+        let labels = if raw.labeled { Some(raw.labels.as_slice()) } else { None };
+        aug.apply(&raw.draw, raw.region, &raw.image, labels, &mut sample);
+        let _ = sh.raw_pool.0.try_send((raw.image, raw.labels));
+        handled += 1;
+        maybe_fault(sh, Stage::Augmenter, handled);
+        stats.add_busy(t);
+        stats.items.fetch_add(1, Ordering::Relaxed);
+        let out =
+            AugmentedSample { case: raw.case, labeled: raw.labeled, forced_foreground: raw.forced_foreground, sample };
+        if !send(sh, &sh.augmented.0, out, stats) {
+            return;
+        }
+    }
+}
+
+fn batcher(sh: &Shared) {
+    let cfg = &sh.cfg;
+    let stats = sh.telemetry.stage("batcher");
+    let (bl, bu) = (cfg.labeled_batch, cfg.unlabeled_batch);
+    // Samples of a kind beyond this wait no longer: bounded even if production skews.
+    let keep = 4 * (bl + bu).max(1);
+    let mut labeled: VecDeque<AugmentedSample> = VecDeque::new();
+    let mut unlabeled: VecDeque<AugmentedSample> = VecDeque::new();
+    let pn: usize = cfg.patch.iter().product();
+    let mut handled = 0u64;
+    loop {
+        while labeled.len() < bl || unlabeled.len() < bu {
+            let t = Instant::now();
+            let s: AugmentedSample = select! {
+                recv(sh.augmented.1) -> r => match r { Ok(s) => s, Err(_) => return },
+                recv(sh.stop_rx) -> _ => return,
+            };
+            stats.add_recv_blocked(t);
+            if sh.stopping() {
+                return;
+            }
+            let q = if s.labeled { &mut labeled } else { &mut unlabeled };
+            q.push_back(s);
+            if q.len() > keep {
+                if let Some(old) = q.pop_front() {
+                    let _ = sh.sample_pool.0.try_send(old.sample);
+                }
+            }
+        }
+        let t = Instant::now();
+        let take: Vec<AugmentedSample> = labeled.drain(..bl).chain(unlabeled.drain(..bu)).collect();
+        let ds_shapes = ds_shapes_of(cfg);
+        let mut batch = Batch {
+            index: sh.batch_counter.fetch_add(1, Ordering::Relaxed),
+            patch: cfg.patch,
+            channels: cfg.channels,
+            labeled: bl,
+            unlabeled: bu,
+            image: Vec::with_capacity((bl + bu) * cfg.channels * pn),
+            labels: Vec::with_capacity(bl * pn),
+            ds_labels: ds_shapes.iter().map(|s| Vec::with_capacity(bl * s.iter().product::<usize>())).collect(),
+            ds_shapes,
+            cases: Vec::with_capacity(bl + bu),
+            forced_foreground: Vec::with_capacity(bl + bu),
+        };
+        for s in &take {
+            batch.image.extend_from_slice(&s.sample.image);
+            let list = if s.labeled { &cfg.labeled } else { &cfg.unlabeled };
+            batch.cases.push(list[s.case].id.clone());
+            batch.forced_foreground.push(s.forced_foreground);
+            if s.labeled {
+                batch.labels.extend_from_slice(&s.sample.labels);
+                for (d, l) in batch.ds_labels.iter_mut().zip(&s.sample.ds_labels) {
+                    d.extend_from_slice(l);
+                }
+            }
+        }
+        for s in take {
+            let _ = sh.sample_pool.0.try_send(s.sample);
+        }
+        handled += 1;
+        maybe_fault(sh, Stage::Batcher, handled);
+        stats.add_busy(t);
+        stats.items.fetch_add(1, Ordering::Relaxed);
+        let batch = Arc::new(batch);
+        for out in &sh.outputs {
+            if !send(sh, out, batch.clone(), stats) {
+                return;
+            }
+        }
+    }
+}
+
+fn ds_shapes_of(cfg: &super::DataPathConfig) -> Vec<[usize; 3]> {
+    cfg.ds_scales
+        .iter()
+        .skip(1)
+        .map(|s| std::array::from_fn(|a| ((cfg.patch[a] as f64 * s[a]).round() as usize).max(1)))
+        .collect()
+}

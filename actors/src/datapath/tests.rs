@@ -1,0 +1,213 @@
+use super::*;
+use cps3d_storage::{ShardInput, ShardWriter};
+use std::path::Path;
+
+/// A shard of shape `shape` whose labels hold one small cube of class 1 (rare
+/// foreground) and whose image is a ramp plus the cube.
+fn write_shard(dir: &Path, name: &str, shape: [usize; 3], labeled: bool, seed: usize) -> CaseSource {
+    let n: usize = shape.iter().product();
+    let mut image = vec![0i16; n];
+    let mut labels = vec![0u8; n];
+    let c = [5 + seed % 7, 9 + seed % 11, 13 + seed % 5];
+    for z in 0..shape[0] {
+        for y in 0..shape[1] {
+            for x in 0..shape[2] {
+                let i = (z * shape[1] + y) * shape[2] + x;
+                image[i] = ((z + y + x) % 200) as i16 - 100;
+                if z.abs_diff(c[0]) < 2 && y.abs_diff(c[1]) < 2 && x.abs_diff(c[2]) < 2 {
+                    labels[i] = 1;
+                    image[i] = 500;
+                }
+            }
+        }
+    }
+    let path = dir.join(format!("{name}.shard"));
+    let mut input = ShardInput::new(shape, [1.0; 3], &image).with_metadata("{}");
+    if labeled {
+        input = input.with_labels(&labels);
+    }
+    ShardWriter::default().with_brick_shape([16, 16, 16]).write(&path, &input).unwrap();
+    CaseSource { id: name.to_string(), path }
+}
+
+fn dataset(dir: &Path, labeled: usize, unlabeled: usize) -> (Vec<CaseSource>, Vec<CaseSource>) {
+    let l = (0..labeled).map(|i| write_shard(dir, &format!("l{i}"), [40, 48, 44], true, i)).collect();
+    let u = (0..unlabeled).map(|i| write_shard(dir, &format!("u{i}"), [36, 40, 40], false, i + 100)).collect();
+    (l, u)
+}
+
+fn config(l: Vec<CaseSource>, u: Vec<CaseSource>) -> DataPathConfig {
+    let mut c = DataPathConfig::new(l, u, [16, 20, 24]);
+    c.ds_scales = vec![[1.0; 3], [0.5; 3], [0.25; 3]];
+    c.normalization = vec![Normalize { clip_low: -100.0, clip_high: 400.0, mean: 0.0, std: 100.0 }];
+    c.consumers = 2;
+    c.log_interval = Duration::from_secs(3600);
+    c
+}
+
+#[test]
+fn batches_have_the_requested_shape_and_composition_and_reach_every_consumer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 3, 4);
+    let mut cfg = config(l, u);
+    cfg.loaders = 2;
+    cfg.augmenters = 2;
+    let mut dp = DataPath::start(cfg).unwrap();
+    for _ in 0..12 {
+        let a = dp.next(0, Duration::from_secs(30)).expect("batch for consumer 0");
+        let b = dp.next(1, Duration::from_secs(30)).expect("batch for consumer 1");
+        assert!(Arc::ptr_eq(&a, &b), "both consumers share one batch");
+        assert_eq!((a.labeled, a.unlabeled, a.channels), (2, 2, 1));
+        assert_eq!(a.image.len(), 4 * 16 * 20 * 24);
+        assert_eq!(a.labels.len(), 2 * 16 * 20 * 24);
+        assert_eq!(a.ds_shapes, vec![[8, 10, 12], [4, 5, 6]]);
+        assert_eq!(a.ds_labels[0].len(), 2 * 8 * 10 * 12);
+        assert_eq!(a.ds_labels[1].len(), 2 * 4 * 5 * 6);
+        assert!(a.labels.iter().chain(a.ds_labels.iter().flatten()).all(|&v| v <= 1), "no ignore label left");
+        assert!(a.image.iter().all(|v| v.is_finite()));
+        assert!(a.cases[..2].iter().all(|c| c.starts_with('l')) && a.cases[2..].iter().all(|c| c.starts_with('u')));
+    }
+    let t = dp.stop();
+    assert!(t.stages.iter().all(|s| s.items > 0 && s.errors == 0 && s.restarts == 0), "{}", t.render());
+}
+
+#[test]
+fn rare_foreground_is_oversampled_to_about_a_third() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, _) = dataset(tmp.path(), 4, 0);
+    let mut cfg = config(l, Vec::new());
+    cfg.unlabeled_batch = 0;
+    cfg.consumers = 1;
+    cfg.augmentation = crate::augment::AugmentConfig::none();
+    let mut dp = DataPath::start(cfg).unwrap();
+    let (mut with_fg, mut forced, mut n) = (0, 0, 0);
+    let pn = 16 * 20 * 24;
+    for _ in 0..250 {
+        let b = dp.next(0, Duration::from_secs(30)).unwrap();
+        for s in 0..b.labeled {
+            n += 1;
+            forced += b.forced_foreground[s] as usize;
+            with_fg += b.labels[s * pn..(s + 1) * pn].contains(&1) as usize;
+        }
+    }
+    dp.stop();
+    let (f, w) = (forced as f64 / n as f64, with_fg as f64 / n as f64);
+    // 33% are centred on foreground; a random patch rarely meets the small cube.
+    assert!((0.28..0.39).contains(&f), "forced {f}");
+    assert!(w >= f - 0.02 && w < 0.5, "with foreground {w}, forced {f}");
+}
+
+#[test]
+fn a_panicking_augmenter_is_restarted_and_the_run_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 2, 2);
+    let mut cfg = config(l, u);
+    cfg.consumers = 1;
+    cfg.fault = Some(FaultInjection { stage: Stage::Augmenter, every: 7 });
+    let mut dp = DataPath::start(cfg).unwrap();
+    for i in 0..15 {
+        assert!(dp.next(0, Duration::from_secs(30)).is_some(), "batch {i}");
+    }
+    let t = dp.stop();
+    let aug = t.stages.iter().find(|s| s.name == "augmenter").unwrap();
+    assert!(aug.restarts >= 3, "{}", t.render());
+    assert!(dp.failure().is_none());
+}
+
+#[test]
+fn a_corrupt_brick_is_reported_and_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut l, u) = dataset(tmp.path(), 2, 2);
+    // Corrupt every image brick of a third labeled shard.
+    let bad = write_shard(tmp.path(), "corrupt", [40, 48, 44], true, 3);
+    let shard = cps3d_storage::Shard::open(&bad.path).unwrap();
+    let bricks = shard.brick_counts().iter().product::<usize>();
+    let mut bytes = std::fs::read(&bad.path).unwrap();
+    for i in 0..bricks {
+        let (off, len) = shard.brick_location(cps3d_storage::Stream::Image, 0, i).unwrap();
+        bytes[(off + len as u64 / 2) as usize] ^= 0x5a;
+    }
+    drop(shard);
+    std::fs::write(&bad.path, bytes).unwrap();
+    l.push(bad);
+    let mut cfg = config(l, u);
+    cfg.consumers = 1;
+    let mut dp = DataPath::start(cfg).unwrap();
+    for _ in 0..20 {
+        let b = dp.next(0, Duration::from_secs(30)).expect("batches keep coming");
+        assert!(!b.cases.contains(&"corrupt".to_string()));
+    }
+    let t = dp.stop();
+    let loader = t.stages.iter().find(|s| s.name == "loader").unwrap();
+    assert!((1..=3).contains(&loader.errors), "errors {} (the shard is dropped after 3)", loader.errors);
+    assert!(dp.failure().is_none());
+}
+
+#[test]
+fn only_corrupt_shards_fail_the_run_instead_of_spinning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = write_shard(tmp.path(), "bad", [40, 48, 44], true, 1);
+    let len = std::fs::metadata(&bad.path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&bad.path).unwrap();
+    f.set_len(len / 2).unwrap();
+    let mut cfg = config(vec![bad], Vec::new());
+    cfg.unlabeled_batch = 0;
+    cfg.consumers = 1;
+    let mut dp = DataPath::start(cfg).unwrap();
+    assert!(dp.next(0, Duration::from_secs(20)).is_none());
+    let reason = dp.failure().expect("failure reported");
+    assert!(reason.contains("failed 3 times"), "{reason}");
+    dp.stop();
+}
+
+#[test]
+fn stopping_mid_run_never_hangs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 2, 2);
+    for (loaders, augmenters, batchers) in [(1, 1, 1), (2, 2, 2)] {
+        let mut cfg = config(l.clone(), u.clone());
+        (cfg.loaders, cfg.augmenters, cfg.batchers) = (loaders, augmenters, batchers);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let mut dp = DataPath::start(cfg).unwrap();
+            dp.next(0, Duration::from_secs(30)).unwrap();
+            // Nobody reads any more: every queue fills and every producer blocks.
+            std::thread::sleep(Duration::from_millis(500));
+            dp.stop();
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(30)).expect("stop returned");
+    }
+}
+
+#[test]
+fn same_seed_with_one_worker_per_stage_gives_identical_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 3, 3);
+    let run = |seed: u64| {
+        let mut cfg = config(l.clone(), u.clone());
+        cfg.consumers = 1;
+        cfg.seed = seed;
+        let mut dp = DataPath::start(cfg).unwrap();
+        let out: Vec<(Vec<u32>, Vec<u8>, Vec<String>)> = (0..6)
+            .map(|_| {
+                let b = dp.next(0, Duration::from_secs(30)).unwrap();
+                (b.image.iter().map(|v| v.to_bits()).collect(), b.labels.clone(), b.cases.clone())
+            })
+            .collect();
+        dp.stop();
+        out
+    };
+    let a = run(42);
+    assert_eq!(a, run(42));
+    assert_ne!(a, run(43));
+}
+
+#[test]
+fn bad_configurations_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, _) = dataset(tmp.path(), 1, 0);
+    let cfg = config(l, Vec::new());
+    let e = DataPath::start(cfg).err().unwrap();
+    assert!(e.contains("no unlabeled shards"), "{e}");
+}
