@@ -93,11 +93,14 @@ pub struct Snapshot {
     pub bottleneck: String,
 }
 
+/// (items, busy, send-blocked, recv-blocked ns) of a stage at one instant.
+type Counters = (u64, u64, u64, u64);
+
 pub struct Telemetry {
     pub started: Instant,
     pub stages: Vec<StageStats>,
     pub queues: Vec<QueueStats>,
-    last: Mutex<Option<(Instant, Vec<(u64, u64, u64, u64)>)>>,
+    last: Mutex<Option<(Instant, Vec<Counters>)>>,
 }
 
 impl Telemetry {
@@ -109,7 +112,7 @@ impl Telemetry {
         self.stages.iter().find(|s| s.name == name).expect("known stage")
     }
 
-    fn snapshot_from(&self, wall: Duration, base: Option<&[(u64, u64, u64, u64)]>) -> Snapshot {
+    fn snapshot_from(&self, wall: Duration, base: Option<&[Counters]>) -> Snapshot {
         let secs = wall.as_secs_f64().max(1e-9);
         let stages: Vec<StageSnapshot> = self
             .stages

@@ -1,6 +1,7 @@
 //! Subcommands, one module each; errors become a message naming the file and a
 //! non-zero exit status.
 
+mod bench;
 mod dataset;
 mod planning;
 mod preprocess;
@@ -52,6 +53,10 @@ enum Command {
     Preprocess(preprocess::PreprocessArgs),
     /// Check every shard (bricks, locations, header); list the bad ones, exit non-zero if any.
     Verify(verify::VerifyArgs),
+    /// Run the data path alone (loaders → augmenters → batchers) and report throughput per stage.
+    Bench(bench::BenchArgs),
+    /// Sweep loader/augmenter counts within a core budget and recommend one.
+    Tune(bench::TuneArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -86,6 +91,8 @@ pub fn run() -> ExitCode {
         Command::Plan(args) => planning::run_plan(args),
         Command::Preprocess(args) => preprocess::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Bench(args) => bench::bench(args),
+        Command::Tune(args) => bench::tune(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -286,6 +286,24 @@ impl Augmenter {
                 spatial::crop(l, region, &mut out.labels, patch, 1);
             }
         }
+        self.finish(d, out);
+    }
+
+    /// Applies a draw without a spatial transform to a sample that already holds the
+    /// patch (`out.image` channels × patch, `out.labels` the patch or empty): no copy.
+    pub fn apply_in_place(&mut self, d: &Draw, out: &mut Sample) {
+        assert!(!d.spatial(), "a spatial transform needs a separate source region");
+        let pn: usize = self.patch.iter().product();
+        assert_eq!(out.image.len(), pn * self.channels, "the sample does not hold the patch");
+        assert!(out.labels.is_empty() || out.labels.len() == pn, "labels are not the patch's size");
+        out.draw = *d;
+        self.finish(d, out);
+    }
+
+    /// Everything after the spatial step.
+    fn finish(&mut self, d: &Draw, out: &mut Sample) {
+        let (patch, channels) = (self.patch, self.channels);
+        let pn: usize = patch.iter().product();
         if let Some(sigma) = d.noise_sigma {
             let mut nrng = <rand_pcg::Pcg64Mcg as rand::SeedableRng>::seed_from_u64(d.noise_seed);
             for ch in 0..channels {

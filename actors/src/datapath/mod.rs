@@ -183,6 +183,24 @@ pub struct Batch {
     /// Per sample: shard id and whether it was centred on foreground.
     pub cases: Vec<String>,
     pub forced_foreground: Vec<bool>,
+    /// Where the buffers go when the last consumer drops the batch.
+    pub recycle: Option<Sender<BatchBuffers>>,
+}
+
+/// A batch's large buffers: image, labels, deep-supervision labels.
+pub type BatchBuffers = (Vec<f32>, Vec<u8>, Vec<Vec<u8>>);
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(tx) = self.recycle.take() {
+            let bufs = (
+                std::mem::take(&mut self.image),
+                std::mem::take(&mut self.labels),
+                std::mem::take(&mut self.ds_labels),
+            );
+            let _ = tx.try_send(bufs);
+        }
+    }
 }
 
 impl Batch {
@@ -190,6 +208,9 @@ impl Batch {
         self.labeled + self.unlabeled
     }
 }
+
+/// Image and label buffers of a raw sample, recycled.
+pub(crate) type RawBuffers = (Vec<f32>, Vec<u8>);
 
 /// A region read from a shard, with the augmentation drawn for it.
 pub(crate) struct RawSample {
@@ -219,8 +240,9 @@ pub(crate) struct Shared {
     pub augmented: (Sender<AugmentedSample>, Receiver<AugmentedSample>),
     pub outputs: Vec<Sender<Arc<Batch>>>,
     /// Recycled buffers, so steady state allocates nothing per sample.
-    pub raw_pool: (Sender<(Vec<f32>, Vec<u8>)>, Receiver<(Vec<f32>, Vec<u8>)>),
+    pub raw_pool: (Sender<RawBuffers>, Receiver<RawBuffers>),
     pub sample_pool: (Sender<Sample>, Receiver<Sample>),
+    pub batch_pool: (Sender<BatchBuffers>, Receiver<BatchBuffers>),
     pub telemetry: Telemetry,
     pub batch_counter: AtomicU64,
     pub handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -271,6 +293,7 @@ impl DataPath {
             ],
         );
         let pool_cap = cfg.raw_queue + cfg.loaders + cfg.augmenters + 2;
+        let shared_batch_cap = cfg.batch_queue * cfg.consumers + cfg.batchers + 2;
         let sample_cap =
             cfg.augmented_queue + cfg.augmenters + cfg.batchers * (cfg.labeled_batch + cfg.unlabeled_batch) + 2;
         let shared = Arc::new(Shared {
@@ -279,6 +302,7 @@ impl DataPath {
             outputs,
             raw_pool: bounded(pool_cap),
             sample_pool: bounded(sample_cap),
+            batch_pool: bounded(shared_batch_cap),
             cfg,
             stop: AtomicBool::new(false),
             stop_rx,

@@ -175,8 +175,16 @@ fn augmenter(sh: &Shared, _id: usize) {
         }
         let t = Instant::now();
         let mut sample = sh.sample_pool.1.try_recv().unwrap_or_default();
-        let labels = if raw.labeled { Some(raw.labels.as_slice()) } else { None };
-        aug.apply(&raw.draw, raw.region, &raw.image, labels, &mut sample);
+        let mut raw = raw;
+        if raw.region == cfg.patch && !raw.draw.spatial() {
+            // The loader read exactly the patch: take its buffers, no copy.
+            std::mem::swap(&mut sample.image, &mut raw.image);
+            std::mem::swap(&mut sample.labels, &mut raw.labels);
+            aug.apply_in_place(&raw.draw, &mut sample);
+        } else {
+            let labels = if raw.labeled { Some(raw.labels.as_slice()) } else { None };
+            aug.apply(&raw.draw, raw.region, &raw.image, labels, &mut sample);
+        }
         let _ = sh.raw_pool.0.try_send((raw.image, raw.labels));
         handled += 1;
         maybe_fault(sh, Stage::Augmenter, handled);
@@ -222,18 +230,26 @@ fn batcher(sh: &Shared) {
         let t = Instant::now();
         let take: Vec<AugmentedSample> = labeled.drain(..bl).chain(unlabeled.drain(..bu)).collect();
         let ds_shapes = ds_shapes_of(cfg);
+        // Buffers of a batch every consumer has dropped come back through the pool.
+        let (mut image, mut labels, mut ds_labels) = sh.batch_pool.1.try_recv().unwrap_or_default();
+        image.clear();
+        labels.clear();
+        ds_labels.resize_with(ds_shapes.len(), Vec::new);
+        ds_labels.iter_mut().for_each(Vec::clear);
+        image.reserve((bl + bu) * cfg.channels * pn);
         let mut batch = Batch {
             index: sh.batch_counter.fetch_add(1, Ordering::Relaxed),
             patch: cfg.patch,
             channels: cfg.channels,
             labeled: bl,
             unlabeled: bu,
-            image: Vec::with_capacity((bl + bu) * cfg.channels * pn),
-            labels: Vec::with_capacity(bl * pn),
-            ds_labels: ds_shapes.iter().map(|s| Vec::with_capacity(bl * s.iter().product::<usize>())).collect(),
+            image,
+            labels,
+            ds_labels,
             ds_shapes,
             cases: Vec::with_capacity(bl + bu),
             forced_foreground: Vec::with_capacity(bl + bu),
+            recycle: Some(sh.batch_pool.0.clone()),
         };
         for s in &take {
             batch.image.extend_from_slice(&s.sample.image);

@@ -1,0 +1,305 @@
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::Zyx;
+use cps3d::planning::plan::Plans;
+use cps3d::preprocessing::Manifest;
+use cps3d_actors::augment::AugmentConfig;
+use cps3d_actors::datapath::{CaseSource, DataPath, DataPathConfig, Normalize};
+use cps3d_actors::telemetry::{peak_rss_bytes, Snapshot};
+
+#[derive(Args, Debug, Clone)]
+pub struct DataPathArgs {
+    /// Shard folder from `cps3d preprocess` (with manifest.json and plans.json).
+    pub shards: PathBuf,
+    /// Loader workers.
+    #[arg(long, default_value_t = 1)]
+    pub loaders: usize,
+    /// Augmenter workers.
+    #[arg(long, default_value_t = 1)]
+    pub augmenters: usize,
+    /// Batcher workers.
+    #[arg(long, default_value_t = 1)]
+    pub batchers: usize,
+    /// Queue capacities in items: raw samples, augmented samples, batches per consumer.
+    #[arg(long, default_value_t = 4)]
+    pub raw_queue: usize,
+    #[arg(long, default_value_t = 4)]
+    pub augmented_queue: usize,
+    #[arg(long, default_value_t = 2)]
+    pub batch_queue: usize,
+    /// Patch Z,Y,X (default: the plan's).
+    #[arg(long)]
+    pub patch: Option<Zyx>,
+    /// Labeled and unlabeled samples per batch (default: the plan's CPS batch).
+    #[arg(long)]
+    pub labeled: Option<usize>,
+    #[arg(long)]
+    pub unlabeled: Option<usize>,
+    /// Read and crop only: no augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Consumers that each receive every batch (2 = the two CPS trainers).
+    #[arg(long, default_value_t = 2)]
+    pub consumers: usize,
+    /// Shards each loader keeps mapped.
+    #[arg(long, default_value_t = 16)]
+    pub open_shards: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Builds the data-path configuration from a shard folder and the options.
+pub fn datapath_config(a: &DataPathArgs) -> Result<DataPathConfig> {
+    let manifest_path = a.shards.join(cps3d::preprocessing::MANIFEST);
+    let manifest =
+        Manifest::read(&manifest_path).with_context(|| format!("{} (run `cps3d preprocess`)", a.shards.display()))?;
+    let plans = Plans::read(&a.shards.join("plans.json"))?;
+    let conf = plans
+        .configuration(&manifest.configuration)
+        .with_context(|| format!("plans.json has no configuration {}", manifest.configuration))?;
+    if conf.patch_size.len() != 3 {
+        bail!(
+            "the data path streams 3D patches; configuration {} is {}D",
+            manifest.configuration,
+            conf.patch_size.len()
+        );
+    }
+    let source =
+        |c: &cps3d::preprocessing::ManifestCase| CaseSource { id: c.id.clone(), path: a.shards.join(&c.shard) };
+    let labeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| c.labeled).map(source).collect();
+    let unlabeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| !c.labeled).map(source).collect();
+    let patch = a.patch.map(|p| p.0).unwrap_or([conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]]);
+    let mut cfg = DataPathConfig::new(labeled, unlabeled, patch);
+    cfg.channels = plans.channels.len();
+    cfg.labeled_batch = a.labeled.unwrap_or(plans.cps.labeled_batch);
+    cfg.unlabeled_batch = a.unlabeled.unwrap_or(plans.cps.unlabeled_batch);
+    if cfg.unlabeled.is_empty() && a.unlabeled.is_none() {
+        tracing::warn!("no unlabeled shards: batches hold labeled samples only");
+        cfg.unlabeled_batch = 0;
+    }
+    cfg.augmentation = if a.no_augment { AugmentConfig::none() } else { plans.augmentation };
+    cfg.ds_scales = conf.deep_supervision_scales.iter().map(|s| [s[0], s[1], s[2]]).collect();
+    cfg.normalization = manifest
+        .normalization
+        .iter()
+        .map(|n| Normalize {
+            clip_low: n.clip_low as f32,
+            clip_high: n.clip_high as f32,
+            mean: n.mean as f32,
+            std: n.std as f32,
+        })
+        .collect();
+    cfg.oversample_foreground = plans.cps.oversample_foreground;
+    (cfg.loaders, cfg.augmenters, cfg.batchers) = (a.loaders, a.augmenters, a.batchers);
+    (cfg.raw_queue, cfg.augmented_queue, cfg.batch_queue) = (a.raw_queue, a.augmented_queue, a.batch_queue);
+    cfg.consumers = a.consumers;
+    cfg.open_shards_per_loader = a.open_shards;
+    cfg.seed = a.seed;
+    Ok(cfg)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub loaders: usize,
+    pub augmenters: usize,
+    pub batchers: usize,
+    pub patch: [usize; 3],
+    pub labeled_batch: usize,
+    pub unlabeled_batch: usize,
+    pub augmentation: bool,
+    pub batches: usize,
+    pub patches: usize,
+    pub seconds: f64,
+    pub patches_per_s: f64,
+    /// Worker busy time summed over all stages, in cores.
+    pub busy_cores: f64,
+    pub patches_per_busy_core_s: f64,
+    pub peak_rss_mb: f64,
+    pub queue_bound_mb: f64,
+    pub telemetry: Snapshot,
+}
+
+/// Runs the data path alone for `batches` batches after `warmup` (consumers take
+/// every batch at once, as infinitely fast trainers would).
+pub fn run_bench(cfg: DataPathConfig, warmup: usize, batches: usize) -> Result<BenchReport> {
+    let samples = cfg.labeled_batch + cfg.unlabeled_batch;
+    let (patch, bl, bu, consumers) = (cfg.patch, cfg.labeled_batch, cfg.unlabeled_batch, cfg.consumers);
+    let augmentation = cfg.augmentation != AugmentConfig::none();
+    let (l, a, b) = (cfg.loaders, cfg.augmenters, cfg.batchers);
+    let queue_bound_mb = cfg.queue_bytes() as f64 / 1e6;
+    let mut dp = DataPath::start(cfg).map_err(anyhow::Error::msg)?;
+    let take = |dp: &DataPath| -> Result<()> {
+        for c in 0..consumers {
+            if dp.next(c, Duration::from_secs(600)).is_none() {
+                bail!("the data path stopped: {}", dp.failure().unwrap_or_else(|| "timeout".into()));
+            }
+        }
+        Ok(())
+    };
+    for _ in 0..warmup {
+        take(&dp)?;
+    }
+    let before = dp.telemetry();
+    let start = Instant::now();
+    for _ in 0..batches {
+        take(&dp)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let after = dp.stop();
+    let busy: f64 = after.stages.iter().zip(&before.stages).map(|(x, y)| x.busy_seconds - y.busy_seconds).sum();
+    let patches = batches * samples;
+    Ok(BenchReport {
+        loaders: l,
+        augmenters: a,
+        batchers: b,
+        patch,
+        labeled_batch: bl,
+        unlabeled_batch: bu,
+        augmentation,
+        batches,
+        patches,
+        seconds,
+        patches_per_s: patches as f64 / seconds,
+        busy_cores: busy / seconds,
+        patches_per_busy_core_s: patches as f64 / busy.max(1e-9),
+        peak_rss_mb: peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
+        queue_bound_mb,
+        telemetry: after,
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub path: DataPathArgs,
+    /// Batches to time (after 2 warm-up batches).
+    #[arg(long, default_value_t = 20)]
+    pub batches: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let cfg = datapath_config(&a.path)?;
+    let r = run_bench(cfg, 2, a.batches)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} batches of {}+{} patches {:?} ({}) in {:.2} s: {:.2} patches/s; busy cores {:.2}; {:.2} patches/s per busy core",
+        r.batches,
+        r.labeled_batch,
+        r.unlabeled_batch,
+        r.patch,
+        if r.augmentation { "nnU-Net augmentation" } else { "no augmentation" },
+        r.seconds,
+        r.patches_per_s,
+        r.busy_cores,
+        r.patches_per_busy_core_s
+    );
+    for s in &r.telemetry.stages {
+        println!(
+            "  {:<10} ×{}  {:>8.2} items/s  busy {:>5.1}%  blocked send {:>5.1}%  blocked recv {:>5.1}%  errors {}  restarts {}",
+            s.name,
+            s.workers,
+            s.items_per_s,
+            s.busy * 100.0,
+            s.blocked_send * 100.0,
+            s.blocked_recv * 100.0,
+            s.errors,
+            s.restarts
+        );
+    }
+    for q in &r.telemetry.queues {
+        println!("  queue {:<10} mean depth {:.1} / {} (max {})", q.name, q.mean_depth, q.capacity, q.max_depth);
+    }
+    println!("bottleneck: {}", r.telemetry.bottleneck);
+    println!("peak RSS {:.0} MB (queues hold at most {:.0} MB)", r.peak_rss_mb, r.queue_bound_mb);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TuneArgs {
+    #[command(flatten)]
+    pub path: DataPathArgs,
+    /// Cores the data path may use (default: all).
+    #[arg(long, default_value_t = super::default_workers())]
+    pub cores: usize,
+    /// Batches timed per configuration.
+    #[arg(long, default_value_t = 8)]
+    pub batches: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Loader and augmenter counts to try within a core budget: loaders + augmenters ≤
+/// cores + 1 (the batcher only copies, and a worker waiting on I/O leaves its core free).
+pub fn tune_candidates(cores: usize) -> Vec<(usize, usize, usize)> {
+    let mut v = Vec::new();
+    for l in 1..=cores.max(1) {
+        for a in 1..=cores.max(1) {
+            if l + a <= cores + 1 {
+                v.push((l, a, 1));
+            }
+        }
+    }
+    v
+}
+
+pub fn tune(a: TuneArgs) -> Result<()> {
+    let mut reports = Vec::new();
+    for (l, aug, b) in tune_candidates(a.cores) {
+        let mut args = a.path.clone();
+        (args.loaders, args.augmenters, args.batchers) = (l, aug, b);
+        let cfg = datapath_config(&args)?;
+        let r = run_bench(cfg, 1, a.batches)?;
+        eprintln!(
+            "loaders {l} augmenters {aug} batchers {b}: {:.2} patches/s ({})",
+            r.patches_per_s, r.telemetry.bottleneck
+        );
+        reports.push(r);
+    }
+    let best = reports
+        .iter()
+        .max_by(|x, y| {
+            // Within 3% of the best, fewer workers wins.
+            let (px, py) = (x.patches_per_s, y.patches_per_s);
+            if (px - py).abs() < 0.03 * px.max(py) {
+                (y.loaders + y.augmenters).cmp(&(x.loaders + x.augmenters))
+            } else {
+                px.total_cmp(&py)
+            }
+        })
+        .context("no configuration ran")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": reports, "recommended": best }))?);
+        return Ok(());
+    }
+    println!(
+        "{:>7} {:>10} {:>8} {:>11} {:>10} {:>16}  bottleneck",
+        "loaders", "augmenters", "batchers", "patches/s", "busy cores", "per busy core/s"
+    );
+    for r in &reports {
+        println!(
+            "{:>7} {:>10} {:>8} {:>11.2} {:>10.2} {:>16.2}  {}",
+            r.loaders,
+            r.augmenters,
+            r.batchers,
+            r.patches_per_s,
+            r.busy_cores,
+            r.patches_per_busy_core_s,
+            r.telemetry.bottleneck
+        );
+    }
+    println!(
+        "recommended for {} cores: --loaders {} --augmenters {} --batchers {} ({:.2} patches/s)",
+        a.cores, best.loaders, best.augmenters, best.batchers, best.patches_per_s
+    );
+    Ok(())
+}
