@@ -26,6 +26,8 @@ pub fn add_noise(x: &mut [f32], sigma: f32, table: &mut [f32], rng: &mut impl Rn
     }
 }
 
+const MAX_RADIUS: usize = 16;
+
 /// Separable Gaussian blur with one sigma per axis (voxels), kernels truncated at
 /// 3σ, borders reflected. `tmp` must hold a volume.
 pub fn blur(x: &mut [f32], shape: [usize; 3], sigma: [f32; 3], tmp: &mut Vec<f32>) {
@@ -35,13 +37,16 @@ pub fn blur(x: &mut [f32], shape: [usize; 3], sigma: [f32; 3], tmp: &mut Vec<f32
         if s <= 0.0 || shape[axis] < 2 {
             continue;
         }
-        let radius = ((3.0 * s).ceil() as usize).max(1);
-        let kernel: Vec<f32> = {
-            let k: Vec<f32> =
-                (0..=2 * radius).map(|i| (-0.5 * ((i as f32 - radius as f32) / s).powi(2)).exp()).collect();
-            let sum: f32 = k.iter().sum();
-            k.iter().map(|v| v / sum).collect()
-        };
+        // Truncated at 3σ (σ ≤ 5 voxels fits the fixed kernel: no allocation).
+        let radius = ((3.0 * s).ceil() as usize).clamp(1, MAX_RADIUS);
+        let mut kbuf = [0f32; 2 * MAX_RADIUS + 1];
+        let kernel = &mut kbuf[..2 * radius + 1];
+        for (i, k) in kernel.iter_mut().enumerate() {
+            *k = (-0.5 * ((i as f32 - radius as f32) / s).powi(2)).exp();
+        }
+        let sum: f32 = kernel.iter().sum();
+        kernel.iter_mut().for_each(|k| *k /= sum);
+        let kernel: &[f32] = kernel;
         let len = shape[axis];
         let reflect = |i: i64| -> usize {
             let last = len as i64 - 1;
@@ -229,27 +234,23 @@ fn nearest_index(o: usize, n_in: usize, n_out: usize) -> usize {
 /// Nearest-exact resize of a volume (labels for deep supervision, or the low-res step).
 pub fn resize_nearest<T: Copy>(src: &[T], shape: [usize; 3], dst: &mut Vec<T>, out: [usize; 3]) {
     dst.clear();
-    let zi: Vec<usize> = (0..out[0]).map(|o| nearest_index(o, shape[0], out[0])).collect();
-    let yi: Vec<usize> = (0..out[1]).map(|o| nearest_index(o, shape[1], out[1])).collect();
-    let xi: Vec<usize> = (0..out[2]).map(|o| nearest_index(o, shape[2], out[2])).collect();
-    for &z in &zi {
-        for &y in &yi {
+    for oz in 0..out[0] {
+        let z = nearest_index(oz, shape[0], out[0]);
+        for oy in 0..out[1] {
+            let y = nearest_index(oy, shape[1], out[1]);
             let row = &src[(z * shape[1] + y) * shape[2]..(z * shape[1] + y + 1) * shape[2]];
-            dst.extend(xi.iter().map(|&x| row[x]));
+            dst.extend((0..out[2]).map(|ox| row[nearest_index(ox, shape[2], out[2])]));
         }
     }
 }
 
-/// Linear taps (align_corners = false) for resizing `n_in` to `n_out`.
-fn linear_taps(n_in: usize, n_out: usize) -> Vec<(usize, usize, f32)> {
-    (0..n_out)
-        .map(|o| {
-            let x = ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
-            let i0 = (x as usize).min(n_in - 1);
-            let i1 = (i0 + 1).min(n_in - 1);
-            (i0, i1, (x - i0 as f64) as f32)
-        })
-        .collect()
+/// Linear tap (align_corners = false) of output `o` when resizing `n_in` to `n_out`.
+#[inline]
+fn linear_tap(o: usize, n_in: usize, n_out: usize) -> (usize, usize, f32) {
+    let x = ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
+    let i0 = (x as usize).min(n_in - 1);
+    let i1 = (i0 + 1).min(n_in - 1);
+    (i0, i1, (x - i0 as f64) as f32)
 }
 
 /// Trilinear upsampling of `small` (shape `s`) into `x` (shape `shape`), separable;
@@ -262,26 +263,28 @@ pub fn resize_trilinear(
     a: &mut Vec<f32>,
     b: &mut Vec<f32>,
 ) {
-    let tx = linear_taps(s[2], shape[2]);
-    let ty = linear_taps(s[1], shape[1]);
-    let tz = linear_taps(s[0], shape[0]);
     // Along x.
     a.clear();
     for row in small.chunks(s[2]) {
-        a.extend(tx.iter().map(|&(i0, i1, t)| row[i0] + (row[i1] - row[i0]) * t));
+        a.extend((0..shape[2]).map(|o| {
+            let (i0, i1, t) = linear_tap(o, s[2], shape[2]);
+            row[i0] + (row[i1] - row[i0]) * t
+        }));
     }
     // Along y: planes of s[1] rows of shape[2].
     let nx = shape[2];
     b.clear();
     for plane in a.chunks(s[1] * nx) {
-        for &(i0, i1, t) in &ty {
+        for o in 0..shape[1] {
+            let (i0, i1, t) = linear_tap(o, s[1], shape[1]);
             let (r0, r1) = (&plane[i0 * nx..(i0 + 1) * nx], &plane[i1 * nx..(i1 + 1) * nx]);
             b.extend(r0.iter().zip(r1).map(|(&u, &v)| u + (v - u) * t));
         }
     }
     // Along z, into x.
     let plane = shape[1] * nx;
-    for (o, &(i0, i1, t)) in tz.iter().enumerate() {
+    for o in 0..shape[0] {
+        let (i0, i1, t) = linear_tap(o, s[0], shape[0]);
         let (p0, p1) = (&b[i0 * plane..(i0 + 1) * plane], &b[i1 * plane..(i1 + 1) * plane]);
         for ((d, &u), &v) in x[o * plane..(o + 1) * plane].iter_mut().zip(p0).zip(p1) {
             *d = u + (v - u) * t;
