@@ -139,6 +139,48 @@ impl Case {
     pub fn is_labeled(&self) -> bool {
         self.label.is_some()
     }
+
+    /// Reads every channel and the label map (canonical order), checking that they
+    /// share one grid. One case in memory: what each pipeline worker holds.
+    pub fn load(&self) -> Result<LoadedCase> {
+        let mut channels = Vec::with_capacity(self.images.len());
+        let mut geometry: Option<crate::io::Geometry> = None;
+        for path in &self.images {
+            let v = crate::io::read_image(path)?;
+            match &geometry {
+                Some(g0) => {
+                    if let Some(m) = check::geometry_mismatch(g0, &v.geometry) {
+                        return Err(Error::invalid(
+                            path,
+                            format!("channel {}", m.replace("its image's", "channel 0's")),
+                        ));
+                    }
+                }
+                None => geometry = Some(v.geometry.clone()),
+            }
+            channels.push(v.data);
+        }
+        let geometry = geometry.ok_or_else(|| Error::invalid(&self.id, "case has no image"))?;
+        let labels = match &self.label {
+            Some(p) => {
+                let l = crate::io::read_labels(p)?;
+                if let Some(m) = check::geometry_mismatch(&geometry, &l.geometry) {
+                    return Err(Error::invalid(p, m));
+                }
+                Some(l.data)
+            }
+            None => None,
+        };
+        Ok(LoadedCase { channels, geometry, labels })
+    }
+}
+
+/// A case read into memory.
+pub struct LoadedCase {
+    /// One canonical `[z][y][x]` volume per channel.
+    pub channels: Vec<ndarray::Array3<f32>>,
+    pub geometry: crate::io::Geometry,
+    pub labels: Option<ndarray::Array3<u8>>,
 }
 
 /// A raw dataset folder, listed but not yet read.

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use super::intensity::{IntensityAccumulator, IntensityStats};
 use crate::dataset::{Case, DatasetJson, RawDataset};
 use crate::error::{Error, Result};
-use crate::io;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseFingerprint {
@@ -117,30 +116,7 @@ struct CaseResult {
 }
 
 fn fingerprint_case(case: &Case, n_channels: usize) -> Result<CaseResult> {
-    let mut channels = Vec::with_capacity(n_channels);
-    let mut geometry = None;
-    for path in &case.images {
-        let v = io::read_image(path)?;
-        if let Some(g0) = &geometry {
-            if let Some(m) = crate::dataset::check::geometry_mismatch(g0, &v.geometry) {
-                return Err(Error::invalid(path, format!("channel {}", m.replace("its image's", "channel 0's"))));
-            }
-        } else {
-            geometry = Some(v.geometry.clone());
-        }
-        channels.push(v.data);
-    }
-    let geometry = geometry.ok_or_else(|| Error::invalid(&case.id, "case has no image"))?;
-    let labels = match &case.label {
-        Some(p) => {
-            let l = io::read_labels(p)?;
-            if let Some(m) = crate::dataset::check::geometry_mismatch(&geometry, &l.geometry) {
-                return Err(Error::invalid(p, m));
-            }
-            Some(l.data)
-        }
-        None => None,
-    };
+    let crate::dataset::LoadedCase { channels, geometry, labels } = case.load()?;
     let bbox = nonzero_box(&channels);
     let mut all = Vec::with_capacity(n_channels);
     let mut foreground = Vec::with_capacity(n_channels);

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Case, RawDataset};
 use crate::error::{Error, Result};
-use crate::io::{self, geometry, geometry::Affine};
+use crate::io::{geometry, geometry::Affine};
 use crate::planning::fingerprint::nonzero_box;
 use crate::planning::plan::{Normalization, Plans};
 use resample::{resample_image, resample_labels, separate_axis};
@@ -144,40 +144,18 @@ fn target_spacing(plans: &Plans, configuration: &str) -> Result<[f64; 3]> {
 /// Reads, crops and resamples one case.
 pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Result<Preprocessed> {
     let target = target_spacing(plans, configuration)?;
-    let mut channels = Vec::with_capacity(case.images.len());
-    let mut geometry = None;
-    for path in &case.images {
-        let v = io::read_image(path)?;
-        if let Some(g0) = &geometry {
-            if let Some(m) = crate::dataset::check::geometry_mismatch(g0, &v.geometry) {
-                return Err(Error::invalid(path, format!("channel {}", m.replace("its image's", "channel 0's"))));
-            }
-        } else {
-            geometry = Some(v.geometry.clone());
+    let crate::dataset::LoadedCase { channels, geometry, labels } = case.load()?;
+    for (c, ch) in channels.iter().enumerate() {
+        if let Some(bad) = ch.iter().position(|x| !x.is_finite()) {
+            return Err(Error::invalid(&case.images[c], format!("non-finite voxel (NaN or Inf) at flat index {bad}")));
         }
-        if let Some(bad) = v.data.iter().position(|x| !x.is_finite()) {
-            return Err(Error::invalid(path, format!("non-finite voxel (NaN or Inf) at flat index {bad}")));
-        }
-        channels.push(v.data);
     }
-    let geometry = geometry.ok_or_else(|| Error::invalid(&case.id, "case has no image"))?;
-    let labels = match &case.label {
-        Some(p) => {
-            let l = io::read_labels(p)?;
-            if let Some(m) = crate::dataset::check::geometry_mismatch(&geometry, &l.geometry) {
-                return Err(Error::invalid(p, m));
-            }
-            let max_label = plans.num_classes.saturating_sub(1) as u8;
-            if let Some(&v) = l.data.iter().find(|&&v| v > max_label) {
-                return Err(Error::invalid(
-                    p,
-                    format!("label value {v} is above the plan's largest class {max_label}"),
-                ));
-            }
-            Some(l.data)
+    if let (Some(l), Some(p)) = (&labels, &case.label) {
+        let max_label = plans.num_classes.saturating_sub(1) as u8;
+        if let Some(&v) = l.iter().find(|&&v| v > max_label) {
+            return Err(Error::invalid(p, format!("label value {v} is above the plan's largest class {max_label}")));
         }
-        None => None,
-    };
+    }
     let bbox = nonzero_box(&channels);
     let crop = s![bbox[0][0]..bbox[0][1], bbox[1][0]..bbox[1][1], bbox[2][0]..bbox[2][1]];
     let cropped_shape = [bbox[0][1] - bbox[0][0], bbox[1][1] - bbox[1][0], bbox[2][1] - bbox[2][0]];
