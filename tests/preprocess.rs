@@ -281,3 +281,36 @@ fn a_killed_run_resumes_and_every_shard_is_valid() {
     assert!(results.iter().all(|(_, r)| r.is_ok()));
     assert_eq!(Manifest::read(&out.join("manifest.json")).unwrap().cases.len(), 16);
 }
+
+#[test]
+fn verify_lists_a_corrupt_shard_and_exits_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    synth(&d, 2, 1, [16, 32, 32]);
+    let fp = fingerprint_dataset(&d, 2, |_| {}).unwrap();
+    let plans = plan(&fp, &PlanOverrides::default()).unwrap();
+    let out = tmp.path().join("shards");
+    preprocess_dataset(&d, &plans, &out, &PreprocessOptions::default(), |_, _| {}).unwrap();
+    let o = run(&["verify", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).contains("3 shard(s) checked, 0 bad"), "{}", stdout(&o));
+    // Flip one byte inside the first image brick of one shard.
+    let victim = out.join("phantom_0001.shard");
+    let (off, len) = Shard::open(&victim).unwrap().brick_location(cps3d_storage::Stream::Image, 0, 0).unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[(off + len as u64 / 2) as usize] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    let o = run(&["verify", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(text.contains("BAD") && text.contains("phantom_0001.shard: image brick 0"), "{text}");
+    assert!(text.contains("1 bad shard(s)"), "{text}");
+    // A truncated shard is reported too.
+    let t = out.join("unlabeled_00000.shard");
+    let n = std::fs::metadata(&t).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&t).unwrap().set_len(n / 2).unwrap();
+    let o = run(&["verify", out.to_str().unwrap()]);
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(text.contains("unlabeled_00000.shard: truncated"), "{text}");
+    assert!(text.contains("2 bad shard(s)"), "{text}");
+}
