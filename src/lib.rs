@@ -11,6 +11,7 @@ pub mod io;
 pub mod planning;
 pub mod preprocessing;
 pub mod synth;
+pub mod training;
 pub mod util;
 
 pub use error::{Error, Result};

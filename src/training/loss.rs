@@ -1,0 +1,193 @@
+//! nnU-Net's Dice + cross-entropy, over deep-supervision outputs, and the CPS term.
+//!
+//! Dice is nnU-Net's memory-efficient soft Dice: softmax probabilities, background
+//! excluded, `(2·tp + smooth) / max(2·tp + fp + fn + smooth, 1e-8)` averaged over
+//! classes (and over samples unless batch Dice), negated; smooth 1e-5. Voxels with
+//! the ignore label count for neither term.
+
+use tch::{Kind, Reduction, Tensor};
+
+pub const DICE_SMOOTH: f64 = 1e-5;
+/// Label of voxels that no loss term sees (nnU-Net's padding label, −1 there).
+pub const IGNORE_INDEX: i64 = 255;
+
+#[derive(Debug, Clone, Copy)]
+pub struct DiceCe {
+    pub batch_dice: bool,
+    pub smooth: f64,
+    pub ignore_index: Option<i64>,
+}
+
+impl Default for DiceCe {
+    fn default() -> Self {
+        DiceCe { batch_dice: true, smooth: DICE_SMOOTH, ignore_index: Some(IGNORE_INDEX) }
+    }
+}
+
+impl DiceCe {
+    /// `logits` [B, C, spatial…], `target` [B, spatial…] (int64). Returns the scalar
+    /// `CE + (−Dice)` (it goes negative as Dice approaches 1, as nnU-Net's does).
+    pub fn loss(&self, logits: &Tensor, target: &Tensor) -> Tensor {
+        self.ce(logits, target) + self.soft_dice_loss(logits, target)
+    }
+
+    pub fn ce(&self, logits: &Tensor, target: &Tensor) -> Tensor {
+        let ignore = self.ignore_index.unwrap_or(-100);
+        logits.cross_entropy_loss::<Tensor>(target, None, Reduction::Mean, ignore, 0.0)
+    }
+
+    /// −mean Dice over foreground classes.
+    pub fn soft_dice_loss(&self, logits: &Tensor, target: &Tensor) -> Tensor {
+        let c = logits.size()[1];
+        let probs = logits.softmax(1, Kind::Float);
+        let (t, mask) = match self.ignore_index {
+            Some(ig) => {
+                let mask = target.ne(ig);
+                (target.where_scalarother(&mask, 0), Some(mask.unsqueeze(1).to_kind(Kind::Float)))
+            }
+            None => (target.shallow_clone(), None),
+        };
+        let dims = probs.dim() as i64;
+        // one_hot puts classes last: move them to dim 1.
+        let mut perm = vec![0i64, dims - 1];
+        perm.extend(1..dims - 1);
+        let mut onehot = t.one_hot(c).permute(&perm).to_kind(Kind::Float);
+        let mut p = probs;
+        if let Some(m) = &mask {
+            p = p * m;
+            onehot = onehot * m;
+        }
+        // Foreground classes only.
+        let p = p.narrow(1, 1, c - 1);
+        let y = onehot.narrow(1, 1, c - 1);
+        let axes: Vec<i64> =
+            if self.batch_dice { std::iter::once(0).chain(2..dims).collect() } else { (2..dims).collect() };
+        let tp = (&p * &y).sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+        let sum_pred = p.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+        let sum_gt = y.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+        let dc = (tp * 2.0 + self.smooth) / (sum_pred + sum_gt + self.smooth).clamp_min(1e-8);
+        -dc.mean(Kind::Float)
+    }
+}
+
+/// nnU-Net's deep-supervision weights: 1/2^i, the lowest resolution 0, normalised.
+pub fn deep_supervision_weights(n: usize) -> Vec<f64> {
+    let mut w: Vec<f64> = (0..n).map(|i| 0.5f64.powi(i as i32)).collect();
+    if n > 1 {
+        w[n - 1] = 0.0;
+    }
+    let s: f64 = w.iter().sum();
+    w.iter().map(|v| v / s).collect()
+}
+
+/// Weighted loss over deep-supervision outputs (full resolution first) and their
+/// targets; outputs with weight 0 are skipped.
+pub fn deep_supervised(loss: &DiceCe, outputs: &[Tensor], targets: &[Tensor]) -> Tensor {
+    assert_eq!(outputs.len(), targets.len(), "one target per output");
+    let w = deep_supervision_weights(outputs.len());
+    let mut total = Tensor::zeros([], (Kind::Float, outputs[0].device()));
+    for ((o, t), &wi) in outputs.iter().zip(targets).zip(&w) {
+        if wi > 0.0 {
+            total = total + loss.loss(o, t) * wi;
+        }
+    }
+    total
+}
+
+/// Hard pseudo-labels: the argmax over classes of each output, without gradient.
+pub fn pseudo_labels(outputs: &[Tensor]) -> Vec<Tensor> {
+    tch::no_grad(|| outputs.iter().map(|o| o.argmax(1, false)).collect())
+}
+
+/// The CPS term of one network: its outputs supervised by its sibling's argmax
+/// labels at every scale, `l(T_self(x), argmax T_sibling(x))`.
+pub fn cps_term(loss: &DiceCe, own_outputs: &[Tensor], sibling_labels: &[Tensor]) -> Tensor {
+    deep_supervised(loss, own_outputs, sibling_labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn t(v: &[f32], shape: &[i64]) -> Tensor {
+        Tensor::from_slice(v).reshape(shape)
+    }
+
+    #[test]
+    fn cross_entropy_and_dice_match_values_worked_out_by_hand() {
+        // One sample, 2 classes, 2 voxels. Logits (0, 0) and (0, ln 3): softmax
+        // foreground probabilities 0.5 and 0.75. Targets 0 and 1.
+        let logits = t(&[0.0, 0.0, 0.0, 3f32.ln()], &[1, 2, 2]);
+        let target = Tensor::from_slice(&[0i64, 1]).reshape([1, 2]);
+        let l = DiceCe { batch_dice: true, smooth: 0.0, ignore_index: None };
+        // CE = (−ln 0.5 − ln 0.75) / 2
+        let ce = ((-(0.5f64).ln()) + (-(0.75f64).ln())) / 2.0;
+        assert!((l.ce(&logits, &target).double_value(&[]) - ce).abs() < 1e-6);
+        // Foreground Dice: tp = 0.75, pred sum 1.25, gt sum 1 -> 1.5/2.25.
+        let dice = 1.5 / 2.25;
+        assert!((l.soft_dice_loss(&logits, &target).double_value(&[]) + dice).abs() < 1e-6);
+        assert!((l.loss(&logits, &target).double_value(&[]) - (ce - dice)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ignored_voxels_count_for_nothing() {
+        let logits = t(&[0.0, 5.0, 0.0, 3f32.ln(), -5.0, 0.0], &[1, 2, 3]);
+        let full = Tensor::from_slice(&[0i64, 1, 0]).reshape([1, 3]);
+        let ignored = Tensor::from_slice(&[0i64, 1, IGNORE_INDEX]).reshape([1, 3]);
+        let l = DiceCe { batch_dice: false, smooth: 0.0, ignore_index: Some(IGNORE_INDEX) };
+        let two = logits.narrow(2, 0, 2);
+        let two_target = Tensor::from_slice(&[0i64, 1]).reshape([1, 2]);
+        let a = l.loss(&logits, &ignored).double_value(&[]);
+        let b = l.loss(&two, &two_target).double_value(&[]);
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        assert!((l.loss(&logits, &full).double_value(&[]) - a).abs() > 1e-3);
+    }
+
+    #[test]
+    fn batch_dice_pools_samples_and_the_smooth_term_handles_empty_classes() {
+        // Sample 0 has foreground, sample 1 none: per-sample Dice of sample 1 is
+        // smooth/smooth = 1 only with the smoothing term.
+        let logits = Tensor::zeros([2, 2, 4], (Kind::Float, Device::Cpu));
+        let target = Tensor::from_slice(&[1i64, 1, 0, 0, 0, 0, 0, 0]).reshape([2, 4]);
+        let per = DiceCe { batch_dice: false, smooth: 1e-5, ignore_index: None };
+        let batch = DiceCe { batch_dice: true, ..per };
+        // Sample 0: tp 1, pred 2, gt 2 -> 2/4; sample 1: tp 0, pred 2, gt 0 -> ~0.
+        let d_per = -per.soft_dice_loss(&logits, &target).double_value(&[]);
+        assert!((d_per - (0.5 + 1e-5 / 2.00001) / 2.0).abs() < 1e-4, "{d_per}");
+        // Pooled: tp 1, pred 4, gt 2 -> 2/6.
+        let d_batch = -batch.soft_dice_loss(&logits, &target).double_value(&[]);
+        assert!((d_batch - 2.0 / 6.0).abs() < 1e-4, "{d_batch}");
+    }
+
+    #[test]
+    fn deep_supervision_weights_follow_nnunet() {
+        let w = deep_supervision_weights(4);
+        // 1, 1/2, 1/4, 0 normalised by 1.75.
+        for (a, b) in w.iter().zip([1.0 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0]) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        assert_eq!(deep_supervision_weights(1), vec![1.0]);
+    }
+
+    #[test]
+    fn the_cps_term_uses_the_siblings_argmax_and_no_gradient_reaches_it() {
+        let own = Tensor::randn([2, 3, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let sibling = Tensor::randn([2, 3, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let l = DiceCe::default();
+        let labels = pseudo_labels(&[sibling.shallow_clone()]);
+        assert!(!labels[0].requires_grad());
+        let cps = cps_term(&l, &[own.shallow_clone()], &labels);
+        let direct = l.loss(&own, &sibling.argmax(1, false));
+        assert!((cps.double_value(&[]) - direct.double_value(&[])).abs() < 1e-6);
+        // A known sibling: all class 2 everywhere gives the loss against all-2 labels.
+        let mut fixed = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        let _ = fixed.narrow(1, 2, 1).fill_(10.0);
+        let all_two = Tensor::full([2, 4, 4], 2, (Kind::Int64, Device::Cpu));
+        let a = cps_term(&l, &[own.shallow_clone()], &pseudo_labels(&[fixed])).double_value(&[]);
+        assert!((a - l.loss(&own, &all_two).double_value(&[])).abs() < 1e-6);
+        cps.backward();
+        assert!(own.grad().defined() && own.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert!(!sibling.grad().defined(), "no gradient flows into the sibling");
+    }
+}

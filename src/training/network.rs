@@ -1,0 +1,236 @@
+//! nnU-Net's plain convolutional U-Net, 2D or 3D, built from a plan's [`NetworkSpec`]:
+//! per stage `n` × (conv with bias → instance norm (affine, eps 1e-5) → LeakyReLU 0.01),
+//! the first conv of a stage strided; a transposed convolution (kernel = stride) up
+//! each decoder level, concatenation with the skip, the stage's convs, and a 1×1 head
+//! per decoder level for deep supervision. Weights He-normal, biases zero.
+
+use tch::nn::{self, Init};
+use tch::Tensor;
+
+use crate::planning::topology::NetworkSpec;
+
+/// He-normal for LeakyReLU(0.01) (nnU-Net's `InitWeights_He(1e-2)`): gain √(2/(1+a²)).
+fn he_normal() -> Init {
+    Init::Kaiming {
+        dist: nn::init::NormalOrUniform::Normal,
+        fan: nn::init::FanInOut::FanIn,
+        non_linearity: nn::init::NonLinearity::ExplicitGain((2.0f64 / (1.0 + 0.01 * 0.01)).sqrt()),
+    }
+}
+
+#[derive(Debug)]
+struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: Vec<i64>,
+    padding: Vec<i64>,
+}
+
+impl Conv {
+    fn new(vs: &nn::Path, cin: usize, cout: usize, kernel: &[usize], stride: &[usize], bias: bool) -> Conv {
+        let mut shape = vec![cout as i64, cin as i64];
+        shape.extend(kernel.iter().map(|&k| k as i64));
+        Conv {
+            weight: vs.var("weight", &shape, he_normal()),
+            bias: bias.then(|| vs.var("bias", &[cout as i64], Init::Const(0.0))),
+            stride: stride.iter().map(|&s| s as i64).collect(),
+            padding: kernel.iter().map(|&k| (k / 2) as i64).collect(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let dil = vec![1i64; self.stride.len()];
+        match self.stride.len() {
+            3 => x.conv3d(&self.weight, self.bias.as_ref(), &self.stride, &self.padding, &dil, 1),
+            _ => x.conv2d(&self.weight, self.bias.as_ref(), &self.stride, &self.padding, &dil, 1),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ConvTranspose {
+    weight: Tensor,
+    bias: Tensor,
+    stride: Vec<i64>,
+}
+
+impl ConvTranspose {
+    fn new(vs: &nn::Path, cin: usize, cout: usize, stride: &[usize]) -> ConvTranspose {
+        let mut shape = vec![cin as i64, cout as i64];
+        shape.extend(stride.iter().map(|&s| s as i64));
+        ConvTranspose {
+            weight: vs.var("weight", &shape, he_normal()),
+            bias: vs.var("bias", &[cout as i64], Init::Const(0.0)),
+            stride: stride.iter().map(|&s| s as i64).collect(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let n = self.stride.len();
+        let (zero, one) = (vec![0i64; n], vec![1i64; n]);
+        match n {
+            3 => x.conv_transpose3d(&self.weight, Some(&self.bias), &self.stride, &zero, &zero, 1, &one),
+            _ => x.conv_transpose2d(&self.weight, Some(&self.bias), &self.stride, &zero, &zero, 1, &one),
+        }
+    }
+}
+
+/// conv → instance norm (group norm with one group per channel) → LeakyReLU.
+#[derive(Debug)]
+struct ConvBlock {
+    conv: Conv,
+    norm: nn::GroupNorm,
+}
+
+impl ConvBlock {
+    fn new(
+        vs: &nn::Path,
+        spec: &NetworkSpec,
+        cin: usize,
+        cout: usize,
+        kernel: &[usize],
+        stride: &[usize],
+    ) -> ConvBlock {
+        let conv = Conv::new(&(vs / "conv"), cin, cout, kernel, stride, spec.conv_bias);
+        let cfg = nn::GroupNormConfig { eps: spec.norm_eps, affine: spec.norm_affine, ..Default::default() };
+        let norm = nn::group_norm(vs / "norm", cout as i64, cout as i64, cfg);
+        ConvBlock { conv, norm }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        self.norm.forward(&self.conv.forward(x)).leaky_relu()
+    }
+}
+
+#[derive(Debug)]
+struct Decoder {
+    up: ConvTranspose,
+    blocks: Vec<ConvBlock>,
+    head: Conv,
+}
+
+#[derive(Debug)]
+pub struct UNet {
+    encoder: Vec<Vec<ConvBlock>>,
+    /// Lowest resolution first.
+    decoder: Vec<Decoder>,
+    pub spec: NetworkSpec,
+}
+
+impl UNet {
+    pub fn new(vs: &nn::Path, spec: &NetworkSpec) -> UNet {
+        let n = spec.n_stages();
+        let mut encoder = Vec::with_capacity(n);
+        let mut cin = spec.input_channels;
+        for s in 0..n {
+            let f = spec.features_per_stage[s];
+            let k = &spec.kernel_sizes[s];
+            let ones = vec![1; spec.dim];
+            let stage = vs / "encoder" / s;
+            let blocks = (0..spec.n_conv_per_stage[s])
+                .map(|b| {
+                    let stride = if b == 0 { &spec.strides[s] } else { &ones };
+                    ConvBlock::new(&(&stage / b), spec, if b == 0 { cin } else { f }, f, k, stride)
+                })
+                .collect();
+            encoder.push(blocks);
+            cin = f;
+        }
+        let mut decoder = Vec::with_capacity(n - 1);
+        for d in 0..n - 1 {
+            let below = spec.features_per_stage[n - 1 - d];
+            let skip = spec.features_per_stage[n - 2 - d];
+            let k = &spec.kernel_sizes[n - 2 - d];
+            let ones = vec![1; spec.dim];
+            let stage = vs / "decoder" / d;
+            let up = ConvTranspose::new(&(&stage / "up"), below, skip, &spec.strides[n - 1 - d]);
+            let blocks = (0..spec.n_conv_per_stage_decoder[d])
+                .map(|b| ConvBlock::new(&(&stage / b), spec, if b == 0 { 2 * skip } else { skip }, skip, k, &ones))
+                .collect();
+            let head = Conv::new(&(&stage / "head"), skip, spec.num_classes, &ones, &ones, true);
+            decoder.push(Decoder { up, blocks, head });
+        }
+        UNet { encoder, decoder, spec: spec.clone() }
+    }
+
+    /// Logits at every decoder level, full resolution first (nnU-Net's order); only
+    /// the full-resolution one without deep supervision.
+    pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        let mut skips = Vec::with_capacity(self.encoder.len());
+        let mut h = x.shallow_clone();
+        for stage in &self.encoder {
+            for b in stage {
+                h = b.forward(&h);
+            }
+            skips.push(h.shallow_clone());
+        }
+        let mut outputs = Vec::with_capacity(self.decoder.len());
+        let n = skips.len();
+        for (d, dec) in self.decoder.iter().enumerate() {
+            h = Tensor::cat(&[dec.up.forward(&h), skips[n - 2 - d].shallow_clone()], 1);
+            for b in &dec.blocks {
+                h = b.forward(&h);
+            }
+            if self.spec.deep_supervision || d == self.decoder.len() - 1 {
+                outputs.push(dec.head.forward(&h));
+            }
+        }
+        outputs.reverse();
+        outputs
+    }
+}
+
+/// Trainable parameters of a variable store.
+pub fn count_parameters(vs: &nn::VarStore) -> u64 {
+    vs.trainable_variables().iter().map(|t| t.numel() as u64).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planning::topology::{features_per_stage, pool_and_conv_props};
+    use tch::{Device, Kind};
+
+    fn spec(spacing: &[f64], patch: &[usize], max_features: usize, classes: usize) -> NetworkSpec {
+        let t = pool_and_conv_props(spacing, patch, 4, 999_999);
+        let n = t.strides.len();
+        NetworkSpec::plain(spacing.len(), 1, classes, features_per_stage(n, 32, max_features), t.kernels, t.strides)
+    }
+
+    #[test]
+    fn the_papers_networks_have_their_exact_parameter_counts() {
+        for (s, want) in [
+            (spec(&[1.0; 3], &[112, 160, 128], 320, 14), 30_795_654u64),
+            (spec(&[1.0; 2], &[512, 512], 480, 14), 41_287_490),
+        ] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _net = UNet::new(&vs.root(), &s);
+            assert_eq!(count_parameters(&vs), want);
+            assert_eq!(s.parameter_count, want, "the plan's count agrees with tch's");
+        }
+    }
+
+    #[test]
+    fn outputs_have_the_deep_supervision_shapes() {
+        let s = spec(&[2.0, 1.0, 1.0], &[16, 32, 32], 64, 3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = UNet::new(&vs.root(), &s);
+        let x = Tensor::randn([2, 1, 16, 32, 32], (Kind::Float, Device::Cpu));
+        let out = net.forward(&x);
+        assert_eq!(out.len(), s.n_stages() - 1);
+        assert_eq!(out[0].size(), vec![2, 3, 16, 32, 32]);
+        // Each lower output is the cumulative stride smaller.
+        let mut cum = vec![1i64; 3];
+        for (i, o) in out.iter().enumerate() {
+            let sz = o.size();
+            for a in 0..3 {
+                assert_eq!(sz[2 + a], [16, 32, 32][a] / cum[a], "output {i}");
+            }
+            for a in 0..3 {
+                cum[a] *= s.strides[i + 1][a] as i64;
+            }
+        }
+        assert!(out.iter().all(|o| o.isfinite().all().int64_value(&[]) == 1));
+    }
+}
