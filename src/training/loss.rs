@@ -54,8 +54,8 @@ impl DiceCe {
         let mut onehot = t.one_hot(c).permute(&perm).to_kind(Kind::Float);
         let mut p = probs;
         if let Some(m) = &mask {
-            p = p * m;
-            onehot = onehot * m;
+            p *= m;
+            onehot *= m;
         }
         // Foreground classes only.
         let p = p.narrow(1, 1, c - 1);
@@ -181,7 +181,7 @@ mod tests {
         let direct = l.loss(&own, &sibling.argmax(1, false));
         assert!((cps.double_value(&[]) - direct.double_value(&[])).abs() < 1e-6);
         // A known sibling: all class 2 everywhere gives the loss against all-2 labels.
-        let mut fixed = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        let fixed = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
         let _ = fixed.narrow(1, 2, 1).fill_(10.0);
         let all_two = Tensor::full([2, 4, 4], 2, (Kind::Int64, Device::Cpu));
         let a = cps_term(&l, &[own.shallow_clone()], &pseudo_labels(&[fixed])).double_value(&[]);
