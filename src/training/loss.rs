@@ -54,8 +54,9 @@ impl DiceCe {
         let mut onehot = t.one_hot(c).permute(&perm).to_kind(Kind::Float);
         let mut p = probs;
         if let Some(m) = &mask {
-            p *= m;
-            onehot *= m;
+            // Not in place: softmax's backward needs its output unchanged.
+            p = &p * m;
+            onehot = &onehot * m;
         }
         // Foreground classes only.
         let p = p.narrow(1, 1, c - 1);
@@ -88,7 +89,7 @@ pub fn deep_supervised(loss: &DiceCe, outputs: &[Tensor], targets: &[Tensor]) ->
     let mut total = Tensor::zeros([], (Kind::Float, outputs[0].device()));
     for ((o, t), &wi) in outputs.iter().zip(targets).zip(&w) {
         if wi > 0.0 {
-            total = total + loss.loss(o, t) * wi;
+            total += loss.loss(o, t) * wi;
         }
     }
     total

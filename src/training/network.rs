@@ -221,7 +221,7 @@ mod tests {
         assert_eq!(out.len(), s.n_stages() - 1);
         assert_eq!(out[0].size(), vec![2, 3, 16, 32, 32]);
         // Each lower output is the cumulative stride smaller.
-        let mut cum = vec![1i64; 3];
+        let mut cum = [1i64; 3];
         for (i, o) in out.iter().enumerate() {
             let sz = o.size();
             for a in 0..3 {
