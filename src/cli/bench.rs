@@ -5,10 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::Zyx;
-use cps3d::planning::plan::Plans;
-use cps3d::preprocessing::Manifest;
 use cps3d_actors::augment::AugmentConfig;
-use cps3d_actors::datapath::{CaseSource, DataPath, DataPathConfig, Normalize};
+use cps3d_actors::datapath::{DataPath, DataPathConfig};
 use cps3d_actors::telemetry::{peak_rss_bytes, Snapshot};
 
 #[derive(Args, Debug, Clone)]
@@ -54,52 +52,29 @@ pub struct DataPathArgs {
 
 /// Builds the data-path configuration from a shard folder and the options.
 pub fn datapath_config(a: &DataPathArgs) -> Result<DataPathConfig> {
-    let manifest_path = a.shards.join(cps3d::preprocessing::MANIFEST);
-    let manifest =
-        Manifest::read(&manifest_path).with_context(|| format!("{} (run `cps3d preprocess`)", a.shards.display()))?;
-    let plans = Plans::read(&a.shards.join("plans.json"))?;
-    let conf = plans
-        .configuration(&manifest.configuration)
-        .with_context(|| format!("plans.json has no configuration {}", manifest.configuration))?;
-    if conf.patch_size.len() != 3 {
-        bail!(
-            "the data path streams 3D patches; configuration {} is {}D",
-            manifest.configuration,
-            conf.patch_size.len()
-        );
+    let knobs = a.knobs();
+    cps3d::training::data::datapath_config(&a.shards, &knobs)
+        .with_context(|| format!("{} (a shard folder from `cps3d preprocess`)", a.shards.display()))
+}
+
+impl DataPathArgs {
+    pub fn knobs(&self) -> cps3d::training::data::DataKnobs {
+        cps3d::training::data::DataKnobs {
+            loaders: self.loaders,
+            augmenters: self.augmenters,
+            batchers: self.batchers,
+            raw_queue: self.raw_queue,
+            augmented_queue: self.augmented_queue,
+            batch_queue: self.batch_queue,
+            patch: self.patch.map(|p| p.0),
+            labeled: self.labeled,
+            unlabeled: self.unlabeled,
+            no_augment: self.no_augment,
+            consumers: self.consumers,
+            open_shards: self.open_shards,
+            seed: self.seed,
+        }
     }
-    let source =
-        |c: &cps3d::preprocessing::ManifestCase| CaseSource { id: c.id.clone(), path: a.shards.join(&c.shard) };
-    let labeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| c.labeled).map(source).collect();
-    let unlabeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| !c.labeled).map(source).collect();
-    let patch = a.patch.map(|p| p.0).unwrap_or([conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]]);
-    let mut cfg = DataPathConfig::new(labeled, unlabeled, patch);
-    cfg.channels = plans.channels.len();
-    cfg.labeled_batch = a.labeled.unwrap_or(plans.cps.labeled_batch);
-    cfg.unlabeled_batch = a.unlabeled.unwrap_or(plans.cps.unlabeled_batch);
-    if cfg.unlabeled.is_empty() && a.unlabeled.is_none() {
-        tracing::warn!("no unlabeled shards: batches hold labeled samples only");
-        cfg.unlabeled_batch = 0;
-    }
-    cfg.augmentation = if a.no_augment { AugmentConfig::none() } else { plans.augmentation };
-    cfg.ds_scales = conf.deep_supervision_scales.iter().map(|s| [s[0], s[1], s[2]]).collect();
-    cfg.normalization = manifest
-        .normalization
-        .iter()
-        .map(|n| Normalize {
-            clip_low: n.clip_low as f32,
-            clip_high: n.clip_high as f32,
-            mean: n.mean as f32,
-            std: n.std as f32,
-        })
-        .collect();
-    cfg.oversample_foreground = plans.cps.oversample_foreground;
-    (cfg.loaders, cfg.augmenters, cfg.batchers) = (a.loaders, a.augmenters, a.batchers);
-    (cfg.raw_queue, cfg.augmented_queue, cfg.batch_queue) = (a.raw_queue, a.augmented_queue, a.batch_queue);
-    cfg.consumers = a.consumers;
-    cfg.open_shards_per_loader = a.open_shards;
-    cfg.seed = a.seed;
-    Ok(cfg)
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -7,6 +7,7 @@ mod planning;
 mod preprocess;
 mod progress;
 mod synth;
+mod train;
 mod verify;
 
 use std::process::ExitCode;
@@ -57,6 +58,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Sweep loader/augmenter counts within a core budget and recommend one.
     Tune(bench::TuneArgs),
+    /// Train the two CPS siblings (or one supervised network) from shards; --resume continues a run.
+    Train(train::TrainArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -93,6 +96,7 @@ pub fn run() -> ExitCode {
         Command::Verify(args) => verify::run(args),
         Command::Bench(args) => bench::bench(args),
         Command::Tune(args) => bench::tune(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,98 @@
+//! From a shard folder (manifest + plans) to the data path's configuration.
+
+use std::path::Path;
+
+use cps3d_actors::augment::AugmentConfig;
+use cps3d_actors::datapath::{CaseSource, DataPathConfig, Normalize};
+
+use crate::error::{Error, Result};
+use crate::planning::plan::Plans;
+use crate::preprocessing::{Manifest, MANIFEST};
+
+/// The data-path knobs a user sets (actor counts, queues, batch composition).
+#[derive(Debug, Clone)]
+pub struct DataKnobs {
+    pub loaders: usize,
+    pub augmenters: usize,
+    pub batchers: usize,
+    pub raw_queue: usize,
+    pub augmented_queue: usize,
+    pub batch_queue: usize,
+    pub patch: Option<[usize; 3]>,
+    pub labeled: Option<usize>,
+    pub unlabeled: Option<usize>,
+    pub no_augment: bool,
+    pub consumers: usize,
+    pub open_shards: usize,
+    pub seed: u64,
+}
+
+impl Default for DataKnobs {
+    fn default() -> Self {
+        DataKnobs {
+            loaders: 1,
+            augmenters: 1,
+            batchers: 1,
+            raw_queue: 4,
+            augmented_queue: 4,
+            batch_queue: 2,
+            patch: None,
+            labeled: None,
+            unlabeled: None,
+            no_augment: false,
+            consumers: 2,
+            open_shards: 16,
+            seed: 0,
+        }
+    }
+}
+
+/// Reads `manifest.json` and `plans.json` of a shard folder.
+pub fn read_shard_folder(shards: &Path) -> Result<(Manifest, Plans)> {
+    let manifest = Manifest::read(&shards.join(MANIFEST))?;
+    let plans = Plans::read(&shards.join("plans.json"))?;
+    Ok((manifest, plans))
+}
+
+pub fn datapath_config(shards: &Path, k: &DataKnobs) -> Result<DataPathConfig> {
+    let (manifest, plans) = read_shard_folder(shards)?;
+    let conf = plans.configuration(&manifest.configuration).ok_or_else(|| {
+        Error::invalid(shards.join("plans.json"), format!("no configuration {}", manifest.configuration))
+    })?;
+    if conf.patch_size.len() != 3 {
+        return Err(Error::invalid(
+            shards,
+            format!(
+                "the data path streams 3D patches; configuration {} is {}D",
+                manifest.configuration,
+                conf.patch_size.len()
+            ),
+        ));
+    }
+    let source = |c: &crate::preprocessing::ManifestCase| CaseSource { id: c.id.clone(), path: shards.join(&c.shard) };
+    let labeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| c.labeled).map(source).collect();
+    let unlabeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| !c.labeled).map(source).collect();
+    let patch = k.patch.unwrap_or([conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]]);
+    let mut cfg = DataPathConfig::new(labeled, unlabeled, patch);
+    cfg.channels = plans.channels.len();
+    cfg.labeled_batch = k.labeled.unwrap_or(plans.cps.labeled_batch);
+    cfg.unlabeled_batch = k.unlabeled.unwrap_or(plans.cps.unlabeled_batch);
+    if cfg.unlabeled.is_empty() && k.unlabeled.is_none() {
+        tracing::warn!("no unlabeled shards: batches hold labeled samples only");
+        cfg.unlabeled_batch = 0;
+    }
+    cfg.augmentation = if k.no_augment { AugmentConfig::none() } else { plans.augmentation };
+    cfg.ds_scales = conf.deep_supervision_scales.iter().map(|s| [s[0], s[1], s[2]]).collect();
+    cfg.normalization = manifest.normalization.iter().map(normalize).collect();
+    cfg.oversample_foreground = plans.cps.oversample_foreground;
+    (cfg.loaders, cfg.augmenters, cfg.batchers) = (k.loaders, k.augmenters, k.batchers);
+    (cfg.raw_queue, cfg.augmented_queue, cfg.batch_queue) = (k.raw_queue, k.augmented_queue, k.batch_queue);
+    cfg.consumers = k.consumers;
+    cfg.open_shards_per_loader = k.open_shards;
+    cfg.seed = k.seed;
+    Ok(cfg)
+}
+
+pub fn normalize(n: &crate::planning::plan::Normalization) -> Normalize {
+    Normalize { clip_low: n.clip_low as f32, clip_high: n.clip_high as f32, mean: n.mean as f32, std: n.std as f32 }
+}
