@@ -76,7 +76,7 @@ fn final_weights(run_dir: &Path) -> Vec<Vec<(String, Vec<f32>)>> {
 fn the_loss_falls_over_a_few_dozen_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = tiny_shards(tmp.path());
-    let logs = train(&options(&shards, &tmp.path().join("run"), 4, 8), false, |_| {}).unwrap();
+    let logs = train(&options(&shards, &tmp.path().join("run"), 4, 8), false, None, |_| {}).unwrap();
     assert_eq!(logs.len(), 4);
     for net in 0..2 {
         let (first, last) = (logs[0].sup_loss[net], logs[3].sup_loss[net]);
@@ -97,12 +97,12 @@ fn resuming_gives_the_same_parameters_as_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = tiny_shards(tmp.path());
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    train(&options(&shards, &a, 3, 3), false, |_| {}).unwrap();
-    train(&options(&shards, &b, 1, 3), false, |_| {}).unwrap();
+    train(&options(&shards, &a, 3, 3), false, None, |_| {}).unwrap();
+    train(&options(&shards, &b, 1, 3), false, None, |_| {}).unwrap();
     // The first run stopped after epoch 0; continue it to 3 epochs.
     let mut more = options(&shards, &b, 3, 3);
     more.epochs = Some(3);
-    let logs = train(&more, true, |_| {}).unwrap();
+    let logs = train(&more, true, None, |_| {}).unwrap();
     assert_eq!(logs.first().map(|l| l.epoch), Some(1));
     let (wa, wb) = (final_weights(&a), final_weights(&b));
     assert_eq!(wa.len(), wb.len());
@@ -154,4 +154,39 @@ fn a_killed_run_leaves_a_loadable_checkpoint_and_resumes() {
     let log = std::fs::read_to_string(run_dir.join("log.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert_eq!(last["epoch"].as_u64().unwrap() as usize, epoch + 1);
+}
+
+#[test]
+fn supervised_baseline_trains_one_network_and_exports_its_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tiny_shards(tmp.path());
+    let run_dir = tmp.path().join("run");
+    let o = run(&[
+        "train",
+        shards.to_str().unwrap(),
+        "-o",
+        run_dir.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--iterations",
+        "2",
+        "--devices",
+        "cpu,cpu",
+        "--supervised-only",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let log = std::fs::read_to_string(run_dir.join("log.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["loss"].as_array().unwrap().len(), 1);
+    assert_eq!(last["lambda"], 0.0);
+    assert!(run_dir.join("progress.png").exists());
+    let out = tmp.path().join("export");
+    let o = run(&["export", run_dir.to_str().unwrap(), "--checkpoint", "final", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let weights = checkpoint_tensors(&out.join("net0.safetensors")).unwrap();
+    assert!(!out.join("net1.safetensors").exists());
+    let plans = cps3d::planning::plan::Plans::read(&out.join("plans.json")).unwrap();
+    let count: u64 = weights.iter().map(|(_, t)| t.numel() as u64).sum();
+    assert_eq!(count, plans.configurations["3d_fullres"].network.parameter_count);
+    assert!(weights.iter().all(|(k, _)| !k.starts_with("momentum.") && !k.starts_with("model.")));
 }

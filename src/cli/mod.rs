@@ -3,6 +3,7 @@
 
 mod bench;
 mod dataset;
+mod export;
 mod planning;
 mod preprocess;
 mod progress;
@@ -60,6 +61,8 @@ enum Command {
     Tune(bench::TuneArgs),
     /// Train the two CPS siblings (or one supervised network) from shards; --resume continues a run.
     Train(train::TrainArgs),
+    /// Write a checkpoint's network weights as plain safetensors (loadable by PyTorch).
+    Export(export::ExportArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -97,6 +100,7 @@ pub fn run() -> ExitCode {
         Command::Bench(args) => bench::bench(args),
         Command::Tune(args) => bench::tune(args),
         Command::Train(args) => train::run(args),
+        Command::Export(args) => export::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

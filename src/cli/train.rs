@@ -1,5 +1,8 @@
 use std::path::PathBuf;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
@@ -16,6 +19,10 @@ pub struct TrainArgs {
     /// Continue the run in this folder from its latest checkpoint.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Options from a JSON file (the `train.json` every run writes); SHARDS and
+    /// --out given here take precedence.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Epochs (default: the plan's, 1000).
     #[arg(long)]
     epochs: Option<usize>,
@@ -66,10 +73,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
             (opts, true)
         }
+        None if a.config.is_some() => {
+            let path = a.config.clone().unwrap_or_default();
+            let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+            let mut opts: TrainOptions =
+                serde_json::from_str(&text).with_context(|| format!("{}: invalid options", path.display()))?;
+            if let Some(s) = &a.shards {
+                opts.shards = s.clone();
+            }
+            if let Some(o) = &a.out {
+                opts.run_dir = o.clone();
+            }
+            (opts, false)
+        }
         None => {
             let (Some(shards), Some(out)) = (a.shards.clone(), a.out.clone()) else {
-                bail!("give SHARDS and --out RUN_DIR, or --resume RUN_DIR");
+                bail!("give SHARDS and --out RUN_DIR, --config FILE, or --resume RUN_DIR");
             };
+            // Absolute, so the saved options work from any folder on --resume.
+            let shards = std::fs::canonicalize(&shards)
+                .with_context(|| format!("{}: no such shard folder", shards.display()))?;
             let opts = TrainOptions {
                 shards,
                 run_dir: out,
@@ -90,7 +113,31 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     };
     tracing::info!("training on {:?} into {}", opts.devices, opts.run_dir.display());
-    let logs = train(&opts, resume, |l| {
+    // A bar over all steps, fed by the first trainer's step counter.
+    let steps = Arc::new(AtomicUsize::new(0));
+    let epochs = opts.epochs.unwrap_or(1000) as u64;
+    let per_epoch = opts.iterations.unwrap_or(250) as u64;
+    let pb = super::progress::bar(epochs * per_epoch, "train");
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let (steps, done, pb) = (steps.clone(), done.clone(), pb.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                pb.set_position(steps.load(Ordering::Relaxed) as u64);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
+    };
+    if resume {
+        // Steps before the checkpoint count as done.
+        if let Ok(t) = std::fs::read_to_string(opts.run_dir.join("latest.json")) {
+            if let Some(e) = serde_json::from_str::<serde_json::Value>(&t).ok().and_then(|v| v["epoch"].as_u64()) {
+                steps.store(((e + 1) * per_epoch) as usize, Ordering::Relaxed);
+            }
+        }
+    }
+    let result = train(&opts, resume, Some(steps.clone()), |l| {
+        pb.set_message(format!("epoch {} pseudo-Dice {:.3}", l.epoch, l.ema_pseudo_dice));
         tracing::info!(
             "epoch {}: loss {:.4?} (sup {:.4?}, cps {:.4?}), λ {:.3}, lr {:.5}, pseudo-Dice {:.4} (EMA {:.4}), step {:.2} s, data wait {:.1}%",
             l.epoch,
@@ -104,8 +151,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             l.step_seconds,
             l.data_wait * 100.0
         );
-    })
-    .with_context(|| format!("training into {}", opts.run_dir.display()))?;
+    });
+    done.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    pb.finish_and_clear();
+    let logs = result.with_context(|| format!("training into {}", opts.run_dir.display()))?;
     println!("{} epoch(s) trained; logs and checkpoints in {}", logs.len(), opts.run_dir.display());
     Ok(())
 }

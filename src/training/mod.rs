@@ -4,6 +4,7 @@
 pub mod data;
 pub mod loss;
 pub mod network;
+pub mod progress;
 pub mod run;
 pub mod sgd;
 pub mod trainer;

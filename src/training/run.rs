@@ -220,7 +220,14 @@ fn ask(t: &TrainerHandle, c: Command) -> Result<Reply> {
 }
 
 /// Trains (or resumes, when `resume` and the run folder has a checkpoint).
-pub fn train(opts: &TrainOptions, resume: bool, mut on_epoch: impl FnMut(&EpochLog)) -> Result<Vec<EpochLog>> {
+///
+/// `steps_done`, when given, counts the first trainer's steps (for progress bars).
+pub fn train(
+    opts: &TrainOptions,
+    resume: bool,
+    steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    mut on_epoch: impl FnMut(&EpochLog),
+) -> Result<Vec<EpochLog>> {
     let run = &opts.run_dir;
     std::fs::create_dir_all(run.join("checkpoints")).map_err(|e| Error::io(run, e))?;
     let (manifest, mut plans) = read_shard_folder(&opts.shards)?;
@@ -246,6 +253,7 @@ pub fn train(opts: &TrainOptions, resume: bool, mut on_epoch: impl FnMut(&EpochL
     spec.input_channels = plans.channels.len();
     let patch = opts.patch.unwrap_or([conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]]);
     crate::util::write_json_atomic(&run.join("plans.json"), &plans)?;
+    crate::util::write_json_atomic(&run.join("train.json"), opts)?;
     let (train_ids, val_ids) = split_cases(&manifest.cases, opts.val_fraction);
     let val =
         Arc::new(validation_patches(&opts.shards, &val_ids, patch, opts.val_patches_per_case, &plans, &manifest)?);
@@ -262,6 +270,7 @@ pub fn train(opts: &TrainOptions, resume: bool, mut on_epoch: impl FnMut(&EpochL
         grad_clip: plans.cps.grad_clip_norm,
         batch_dice: conf.batch_dice,
         exchange: None,
+        steps_done: if index == 0 { steps_done.clone() } else { None },
     };
     let trainers: Vec<TrainerHandle> = if opts.supervised_only {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -380,6 +389,10 @@ pub fn train(opts: &TrainOptions, resume: bool, mut on_epoch: impl FnMut(&EpochL
             epoch_seconds: t_epoch.elapsed().as_secs_f64(),
         };
         append_jsonl(&run.join("log.jsonl"), &log)?;
+        let history = read_log(&run.join("log.jsonl"));
+        if let Err(e) = super::progress::draw(&run.join("progress.png"), &history) {
+            tracing::warn!("{}: could not draw: {e}", run.join("progress.png").display());
+        }
         state.epoch = epoch;
         let improved = state.ema > state.best_ema;
         if improved {
@@ -394,6 +407,13 @@ pub fn train(opts: &TrainOptions, resume: bool, mut on_epoch: impl FnMut(&EpochL
         let _ = t.thread.join();
     }
     Ok(logs)
+}
+
+/// Every epoch logged so far (a resumed run continues the same log).
+pub fn read_log(path: &Path) -> Vec<EpochLog> {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .unwrap_or_default()
 }
 
 fn append_jsonl(path: &Path, log: &EpochLog) -> Result<()> {
@@ -414,6 +434,7 @@ fn checkpoint(run: &Path, trainers: &[TrainerHandle], state: &State, best: bool,
         ask(t, Command::Save { path: tmp.join(format!("net{i}.safetensors")) })?;
     }
     crate::util::write_json_atomic(&tmp.join("state.json"), state)?;
+    std::fs::copy(run.join("plans.json"), tmp.join("plans.json")).map_err(|e| Error::io(run.join("plans.json"), e))?;
     for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))?.flatten() {
         if let Ok(f) = std::fs::File::open(entry.path()) {
             let _ = f.sync_all();

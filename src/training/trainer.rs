@@ -99,6 +99,8 @@ pub struct TrainerSetup {
     pub grad_clip: f64,
     pub batch_dice: bool,
     pub exchange: Option<Exchange>,
+    /// Incremented after every step (progress bars).
+    pub steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 /// Starts a trainer thread. Networks are built on the thread that owns them (tch
@@ -229,6 +231,9 @@ impl TrainerState {
             stats.grad_norm += norm;
             stats.steps += 1;
             total += t0.elapsed();
+            if let Some(c) = &self.setup.steps_done {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let k = stats.steps.max(1) as f64;
         stats.loss /= k;
