@@ -113,3 +113,74 @@ mod tests {
         assert!((after - 12.0).abs() < 1e-3);
     }
 }
+
+/// Dynamic loss scaling for fp16 mixed precision (PyTorch's `GradScaler`): the loss
+/// is multiplied by `scale` before backward; gradients are unscaled before clipping;
+/// a step whose gradients overflowed is skipped and the scale halved; after
+/// `growth_interval` clean steps the scale doubles.
+pub struct LossScaler {
+    pub scale: f64,
+    pub growth_interval: usize,
+    clean_steps: usize,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler { scale: 65536.0, growth_interval: 2000, clean_steps: 0 }
+    }
+}
+
+impl LossScaler {
+    /// Divides the gradients by the scale; false (and the scale halved) when any is
+    /// not finite, in which case the caller skips the optimizer step.
+    pub fn unscale(&mut self, vs: &nn::VarStore) -> bool {
+        let finite = tch::no_grad(|| {
+            let mut ok = true;
+            for v in vs.trainable_variables() {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(1.0 / self.scale);
+                    ok &= g.isfinite().all().int64_value(&[]) == 1;
+                }
+            }
+            ok
+        });
+        if finite {
+            self.clean_steps += 1;
+            if self.clean_steps >= self.growth_interval {
+                self.scale *= 2.0;
+                self.clean_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.clean_steps = 0;
+        }
+        finite
+    }
+}
+
+#[cfg(test)]
+mod scaler_tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn overflowing_gradients_skip_the_step_and_halve_the_scale() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3], nn::Init::Const(1.0));
+        let mut s = LossScaler { scale: 8.0, growth_interval: 2, clean_steps: 0 };
+        (&w * 8.0).sum(Kind::Float).backward(); // scaled loss: gradient 8 per element
+        assert!(s.unscale(&vs));
+        assert!((w.grad().double_value(&[0]) - 1.0).abs() < 1e-9);
+        zero_grad(&vs);
+        (&w * f64::INFINITY).sum(Kind::Float).backward();
+        assert!(!s.unscale(&vs));
+        assert_eq!(s.scale, 4.0);
+        for _ in 0..2 {
+            zero_grad(&vs);
+            (&w * 4.0).sum(Kind::Float).backward();
+            assert!(s.unscale(&vs));
+        }
+        assert_eq!(s.scale, 8.0, "doubles after growth_interval clean steps");
+    }
+}

@@ -11,7 +11,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::loss::{deep_supervised, pseudo_labels, DiceCe};
 use super::network::UNet;
-use super::sgd::{clip_grad_norm, zero_grad, Sgd};
+use super::sgd::{clip_grad_norm, zero_grad, LossScaler, Sgd};
 use crate::planning::topology::NetworkSpec;
 use cps3d_actors::datapath::Batch;
 
@@ -49,6 +49,8 @@ pub struct EpochStats {
     /// Share of step time spent waiting for the next batch.
     pub data_wait: f64,
     pub grad_norm: f64,
+    /// Steps skipped because fp16 gradients overflowed (CUDA only).
+    pub skipped_steps: usize,
 }
 
 /// A labeled patch for validation: image `[C][z][y][x]` (normalised) and labels.
@@ -116,7 +118,7 @@ pub fn start(setup: TrainerSetup, built: Sender<()>) -> TrainerHandle {
             let vs = nn::VarStore::new(setup.device);
             let net = UNet::new(&vs.root(), &setup.spec);
             let _ = built.send(());
-            let mut state = TrainerState { setup, vs, net, sgd: None };
+            let mut state = TrainerState { setup, vs, net, sgd: None, scaler: LossScaler::default() };
             let mom = (state.setup.momentum, state.setup.nesterov, state.setup.weight_decay);
             state.sgd = Some(Sgd::new(mom.0, mom.1, mom.2));
             for cmd in cmd_rx.iter() {
@@ -148,6 +150,7 @@ struct TrainerState {
     vs: nn::VarStore,
     net: UNet,
     sgd: Option<Sgd>,
+    scaler: LossScaler,
 }
 
 fn tensor_u8(data: &[u8], shape: &[i64], device: Device) -> Tensor {
@@ -222,13 +225,27 @@ impl TrainerState {
                 None => sup.shallow_clone(),
             };
             zero_grad(&self.vs);
-            total_loss.backward();
-            let norm = clip_grad_norm(&self.vs, self.setup.grad_clip);
-            self.sgd.as_mut().expect("optimizer").step(&self.vs, lr);
+            // fp16 on CUDA: scaled loss, unscaled gradients, overflowed steps skipped.
+            let (norm, stepped) = if dev.is_cuda() {
+                (&total_loss * self.scaler.scale).backward();
+                let ok = self.scaler.unscale(&self.vs);
+                let norm = if ok { clip_grad_norm(&self.vs, self.setup.grad_clip) } else { f64::NAN };
+                (norm, ok)
+            } else {
+                total_loss.backward();
+                (clip_grad_norm(&self.vs, self.setup.grad_clip), true)
+            };
+            if stepped {
+                self.sgd.as_mut().expect("optimizer").step(&self.vs, lr);
+            } else {
+                stats.skipped_steps += 1;
+            }
             stats.loss += total_loss.double_value(&[]);
             stats.sup_loss += sup.double_value(&[]);
             stats.cps_loss += cps_value;
-            stats.grad_norm += norm;
+            if norm.is_finite() {
+                stats.grad_norm += norm;
+            }
             stats.steps += 1;
             total += t0.elapsed();
             if let Some(c) = &self.setup.steps_done {
