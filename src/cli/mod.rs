@@ -5,6 +5,7 @@ mod bench;
 mod dataset;
 mod export;
 mod planning;
+mod predict;
 mod preprocess;
 mod progress;
 mod synth;
@@ -63,6 +64,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Write a checkpoint's network weights as plain safetensors (loadable by PyTorch).
     Export(export::ExportArgs),
+    /// Segment images with a trained run: sliding window, optional forced spacing, back to the input's grid.
+    Predict(predict::PredictArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -101,6 +104,7 @@ pub fn run() -> ExitCode {
         Command::Tune(args) => bench::tune(args),
         Command::Train(args) => train::run(args),
         Command::Export(args) => export::run(args),
+        Command::Predict(args) => predict::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,104 @@
+//! `cps3d predict`: label maps on the input's exact grid, with and without forced
+//! spacing, for RAS and LPS inputs; bad inputs reported and skipped.
+
+mod common;
+
+use common::{run, stderr, stdout};
+
+#[test]
+fn predictions_land_on_the_input_grid_and_bad_files_are_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let d = t.join("raw");
+    let cfg = cps3d::synth::SynthConfig {
+        labeled: 3,
+        unlabeled: 2,
+        shape: [24, 48, 48],
+        seed: 8,
+        workers: 2,
+        ..Default::default()
+    };
+    cps3d::synth::write_dataset(&cfg, &d, |_| {}).unwrap();
+    let (fp, pl, sh, rd) = (t.join("fp.json"), t.join("plans.json"), t.join("shards"), t.join("run"));
+    for args in [
+        vec!["fingerprint", d.to_str().unwrap(), "-o", fp.to_str().unwrap()],
+        vec![
+            "plan",
+            fp.to_str().unwrap(),
+            "-o",
+            pl.to_str().unwrap(),
+            "--patch-size",
+            "16,32,32",
+            "--features",
+            "8,16,32,32",
+        ],
+        vec!["preprocess", d.to_str().unwrap(), "-p", pl.to_str().unwrap(), "-o", sh.to_str().unwrap()],
+        vec![
+            "train",
+            sh.to_str().unwrap(),
+            "-o",
+            rd.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--iterations",
+            "2",
+            "--devices",
+            "cpu,cpu",
+        ],
+    ] {
+        let o = run(&args);
+        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+    }
+    let inputs = d.join("imagesTr");
+    for (name, extra) in
+        [("plain", vec![]), ("forced", vec!["--forced-spacing", "1.0,1.5"]), ("tta", vec!["--tta", "--no-ensemble"])]
+    {
+        let out = t.join(name);
+        let mut args = vec![
+            "predict",
+            "-i",
+            inputs.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-m",
+            rd.to_str().unwrap(),
+            "--checkpoint",
+            "final",
+        ];
+        args.extend(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{name}: {}{}", stdout(&o), stderr(&o));
+        let mut layouts = std::collections::BTreeSet::new();
+        for i in 0..3 {
+            let img = cps3d::io::read_header(&inputs.join(format!("phantom_{i:04}_0000.nii.gz"))).unwrap();
+            let pred = cps3d::io::read_labels(&out.join(format!("phantom_{i:04}.nii.gz"))).unwrap();
+            assert_eq!(cps3d::dataset::check::geometry_mismatch(&img, &pred.geometry), None, "{name} case {i}");
+            assert_eq!(pred.geometry.header.datatype, 2);
+            assert!(pred.data.iter().all(|&v| v <= 13));
+            layouts.insert(img.axis_codes());
+        }
+        assert!(!layouts.is_empty());
+    }
+    // A truncated input is reported; the others are still written.
+    let bad_dir = t.join("with_bad");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    std::fs::copy(inputs.join("phantom_0000_0000.nii.gz"), bad_dir.join("good_0000.nii.gz")).unwrap();
+    let bytes = std::fs::read(inputs.join("phantom_0001_0000.nii.gz")).unwrap();
+    std::fs::write(bad_dir.join("bad_0000.nii.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    let out = t.join("out_bad");
+    let o = run(&[
+        "predict",
+        "-i",
+        bad_dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-m",
+        rd.to_str().unwrap(),
+        "--checkpoint",
+        "final",
+    ]);
+    assert!(!o.status.success());
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(text.contains("bad_0000.nii.gz: file is truncated") && text.contains("1 of 2 case(s) failed"), "{text}");
+    assert!(out.join("good.nii.gz").exists());
+}
