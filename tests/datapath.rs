@@ -5,7 +5,6 @@ mod common;
 use common::{run, stderr, stdout};
 
 fn shards(tmp: &std::path::Path) -> std::path::PathBuf {
-    let d = tmp.join("raw");
     let cfg = cps3d::synth::SynthConfig {
         labeled: 2,
         unlabeled: 3,
@@ -14,17 +13,7 @@ fn shards(tmp: &std::path::Path) -> std::path::PathBuf {
         workers: 2,
         ..Default::default()
     };
-    cps3d::synth::write_dataset(&cfg, &d, |_| {}).unwrap();
-    let (fp, pl, out) = (tmp.join("fp.json"), tmp.join("plans.json"), tmp.join("shards"));
-    for args in [
-        vec!["fingerprint", d.to_str().unwrap(), "-o", fp.to_str().unwrap()],
-        vec!["plan", fp.to_str().unwrap(), "-o", pl.to_str().unwrap(), "--patch-size", "16,32,32"],
-        vec!["preprocess", d.to_str().unwrap(), "-p", pl.to_str().unwrap(), "-o", out.to_str().unwrap()],
-    ] {
-        let o = run(&args);
-        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
-    }
-    out
+    common::preprocessed(tmp, cfg, &["--patch-size", "16,32,32"])
 }
 
 #[test]

@@ -9,7 +9,6 @@ use common::{run, stderr, stdout};
 fn predictions_land_on_the_input_grid_and_bad_files_are_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let d = t.join("raw");
     let cfg = cps3d::synth::SynthConfig {
         labeled: 3,
         unlabeled: 2,
@@ -18,37 +17,21 @@ fn predictions_land_on_the_input_grid_and_bad_files_are_skipped() {
         workers: 2,
         ..Default::default()
     };
-    cps3d::synth::write_dataset(&cfg, &d, |_| {}).unwrap();
-    let (fp, pl, sh, rd) = (t.join("fp.json"), t.join("plans.json"), t.join("shards"), t.join("run"));
-    for args in [
-        vec!["fingerprint", d.to_str().unwrap(), "-o", fp.to_str().unwrap()],
-        vec![
-            "plan",
-            fp.to_str().unwrap(),
-            "-o",
-            pl.to_str().unwrap(),
-            "--patch-size",
-            "16,32,32",
-            "--features",
-            "8,16,32,32",
-        ],
-        vec!["preprocess", d.to_str().unwrap(), "-p", pl.to_str().unwrap(), "-o", sh.to_str().unwrap()],
-        vec![
-            "train",
-            sh.to_str().unwrap(),
-            "-o",
-            rd.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--iterations",
-            "2",
-            "--devices",
-            "cpu,cpu",
-        ],
-    ] {
-        let o = run(&args);
-        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
-    }
+    let sh = common::preprocessed(t, cfg, &["--patch-size", "16,32,32", "--features", "8,16,32,32"]);
+    let (d, rd) = (t.join("raw"), t.join("run"));
+    let o = run(&[
+        "train",
+        sh.to_str().unwrap(),
+        "-o",
+        rd.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--devices",
+        "cpu,cpu",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let inputs = d.join("imagesTr");
     for (name, extra) in
         [("plain", vec![]), ("forced", vec!["--forced-spacing", "1.0,1.5"]), ("tta", vec!["--tta", "--no-ensemble"])]

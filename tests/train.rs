@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use common::{run, stderr, stdout};
 use cps3d::training::run::{checkpoint_tensors, train, TrainOptions};
 
-/// Phantoms → fingerprint → a tiny plan (patch 16×32×32, features 8..32) → shards.
+/// Phantoms → a tiny plan (patch 16×32×32, features 8..32) → shards.
 fn tiny_shards(tmp: &Path) -> PathBuf {
-    let d = tmp.join("raw");
     let cfg = cps3d::synth::SynthConfig {
         labeled: 4,
         unlabeled: 4,
@@ -21,26 +20,7 @@ fn tiny_shards(tmp: &Path) -> PathBuf {
         workers: 2,
         ..Default::default()
     };
-    cps3d::synth::write_dataset(&cfg, &d, |_| {}).unwrap();
-    let (fp, pl, out) = (tmp.join("fp.json"), tmp.join("plans.json"), tmp.join("shards"));
-    for args in [
-        vec!["fingerprint", d.to_str().unwrap(), "-o", fp.to_str().unwrap()],
-        vec![
-            "plan",
-            fp.to_str().unwrap(),
-            "-o",
-            pl.to_str().unwrap(),
-            "--patch-size",
-            "16,32,32",
-            "--features",
-            "8,16,32,32",
-        ],
-        vec!["preprocess", d.to_str().unwrap(), "-p", pl.to_str().unwrap(), "-o", out.to_str().unwrap()],
-    ] {
-        let o = run(&args);
-        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
-    }
-    out
+    common::preprocessed(tmp, cfg, &["--patch-size", "16,32,32", "--features", "8,16,32,32"])
 }
 
 fn options(shards: &Path, run_dir: &Path, epochs: usize, iterations: usize) -> TrainOptions {

@@ -56,3 +56,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Synthetic phantoms → fingerprint → plan (with `plan_args`) → shards, through the
+/// CLI; returns the shard folder (plans.json and fingerprint.json beside it).
+pub fn preprocessed(tmp: &Path, cfg: cps3d::synth::SynthConfig, plan_args: &[&str]) -> PathBuf {
+    let d = tmp.join("raw");
+    cps3d::synth::write_dataset(&cfg, &d, |_| {}).unwrap();
+    let (fp, pl, out) = (tmp.join("fp.json"), tmp.join("plans.json"), tmp.join("shards"));
+    let mut plan = vec!["plan", fp.to_str().unwrap(), "-o", pl.to_str().unwrap()];
+    plan.extend_from_slice(plan_args);
+    for args in [
+        vec!["fingerprint", d.to_str().unwrap(), "-o", fp.to_str().unwrap()],
+        plan,
+        vec!["preprocess", d.to_str().unwrap(), "-p", pl.to_str().unwrap(), "-o", out.to_str().unwrap()],
+    ] {
+        let o = run(&args);
+        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+    }
+    out
+}
