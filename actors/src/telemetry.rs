@@ -143,7 +143,10 @@ impl Telemetry {
             })
             .collect();
         let busiest = stages.iter().max_by(|a, b| a.busy.total_cmp(&b.busy));
+        // Blocked time is booked when a send completes, so a path stalled behind a slow
+        // consumer shows no busy time at all in an interval: that, too, is the consumer.
         let bottleneck = match busiest {
+            Some(s) if s.busy < 0.05 => "consumer".to_string(),
             Some(s) if s.busy >= 0.5 || stages.iter().all(|t| t.blocked_send < 0.5) => s.name.clone(),
             _ => "consumer".to_string(),
         };

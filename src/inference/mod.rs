@@ -210,13 +210,10 @@ pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOption
         volume.index_axis_mut(Axis(0), i).assign(&r.mapv(|v| n.apply(v)));
     }
     let classes = model.plans.num_classes;
-    let scores = sliding::sliding_window(&volume, tile, opts.step, classes, opts.tiles_per_batch, |b, n| {
+    let labels = sliding::sliding_window_labels(&volume, tile, opts.step, classes, opts.tiles_per_batch, |b, n| {
         model.scores(b, n, tile, c, opts.mirror)
     });
     drop(volume);
-    let labels = scores.map_axis(Axis(0), |v| {
-        v.iter().enumerate().fold((0usize, f32::MIN), |best, (k, &s)| if s > best.1 { (k, s) } else { best }).0 as u8
-    });
     // Back to the original (cropped) grid, then into the full volume.
     let back = resample_labels(&labels, cropped, sep);
     let mut full = Array3::<u8>::zeros(shape);

@@ -1,6 +1,6 @@
 //! Sliding-window prediction with nnU-Net's Gaussian importance weighting.
 
-use ndarray::{Array3, Array4};
+use ndarray::{s, Array3, Array4, Axis};
 
 /// Tile origins along one axis: `ceil((size − tile)/(step·tile)) + 1` tiles spread
 /// evenly from 0 to `size − tile` (nnU-Net's `compute_steps_for_sliding_window`).
@@ -32,68 +32,134 @@ pub fn gaussian(tile: [usize; 3]) -> Array3<f32> {
 /// Predicts class scores for a `[C][z][y][x]` volume with `predict`, which maps a
 /// batch of tiles `[n][C][tile]` to scores `[n][K][tile]`. Volumes smaller than the
 /// tile are padded with 0 (the normalised background) and cropped back.
-pub fn sliding_window(
+///
+/// Scores are accumulated one slab of tiles (along z) at a time and handed to
+/// `finish(z_range, scores)` as soon as no later tile can touch those slices, so
+/// memory holds about two tile heights of scores instead of the whole volume's
+/// (14 classes × a 200×530×530 CT would be 3 GB).
+pub fn sliding_window_slabs(
     volume: &Array4<f32>,
     tile: [usize; 3],
     step: f64,
     classes: usize,
     tiles_per_batch: usize,
     mut predict: impl FnMut(&[f32], usize) -> Vec<f32>,
-) -> Array4<f32> {
+    mut finish: impl FnMut(std::ops::Range<usize>, ndarray::ArrayView4<'_, f32>),
+) {
     let channels = volume.shape()[0];
     let shape = [volume.shape()[1], volume.shape()[2], volume.shape()[3]];
     let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(tile[a]));
     let off: [usize; 3] = std::array::from_fn(|a| (padded[a] - shape[a]) / 2);
-    let mut input = Array4::<f32>::zeros((channels, padded[0], padded[1], padded[2]));
-    input
-        .slice_mut(ndarray::s![.., off[0]..off[0] + shape[0], off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]])
-        .assign(volume);
+    // Input value at padded coordinates (0 outside the volume).
     let g = gaussian(tile);
-    let mut scores = Array4::<f32>::zeros((classes, padded[0], padded[1], padded[2]));
-    let mut weights = Array3::<f32>::zeros(padded);
-    let mut origins: Vec<[usize; 3]> = Vec::new();
-    for &z in &tile_starts(padded[0], tile[0], step) {
-        for &y in &tile_starts(padded[1], tile[1], step) {
-            for &x in &tile_starts(padded[2], tile[2], step) {
-                origins.push([z, y, x]);
-            }
-        }
-    }
+    let zs = tile_starts(padded[0], tile[0], step);
+    let (ys, xs) = (tile_starts(padded[1], tile[1], step), tile_starts(padded[2], tile[2], step));
     let tn: usize = tile.iter().product();
-    for chunk in origins.chunks(tiles_per_batch.max(1)) {
-        let mut batch = Vec::with_capacity(chunk.len() * channels * tn);
-        for o in chunk {
-            let view = input.slice(ndarray::s![.., o[0]..o[0] + tile[0], o[1]..o[1] + tile[1], o[2]..o[2] + tile[2]]);
-            batch.extend(view.iter());
+    // Rolling accumulator over padded z in [base, base + depth).
+    let depth = (tile[0] * 2).min(padded[0]);
+    let mut base = 0usize;
+    let mut scores = Array4::<f32>::zeros((classes, depth, padded[1], padded[2]));
+    let mut weights = Array3::<f32>::zeros((depth, padded[1], padded[2]));
+    let mut emitted = 0usize; // padded z below this has been finished
+    let emit = |from: usize, to: usize, base: usize, scores: &Array4<f32>, weights: &Array3<f32>, finish: &mut dyn FnMut(std::ops::Range<usize>, ndarray::ArrayView4<'_, f32>)| {
+        // Map padded z to volume z, keeping only real slices.
+        let lo = from.max(off[0]);
+        let hi = to.min(off[0] + shape[0]);
+        if lo >= hi {
+            return;
         }
-        let out = predict(&batch, chunk.len());
-        assert_eq!(out.len(), chunk.len() * classes * tn, "the model returned the wrong number of scores");
-        for (i, o) in chunk.iter().enumerate() {
-            let tile_scores = ndarray::ArrayView4::from_shape(
-                (classes, tile[0], tile[1], tile[2]),
-                &out[i * classes * tn..(i + 1) * classes * tn],
-            )
-            .expect("tile shape");
-            let mut dst =
-                scores.slice_mut(ndarray::s![.., o[0]..o[0] + tile[0], o[1]..o[1] + tile[1], o[2]..o[2] + tile[2]]);
-            for c in 0..classes {
-                let mut d = dst.index_axis_mut(ndarray::Axis(0), c);
-                ndarray::Zip::from(&mut d)
-                    .and(&tile_scores.index_axis(ndarray::Axis(0), c))
-                    .and(&g)
-                    .for_each(|d, &s, &w| *d += s * w);
+        let mut part = scores.slice(s![.., lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]]).to_owned();
+        let w = weights.slice(s![lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]]);
+        for mut c in part.outer_iter_mut() {
+            c /= &w;
+        }
+        finish(lo - off[0]..hi - off[0], part.view());
+    };
+    let tile_input = |o: [usize; 3], out: &mut Vec<f32>| {
+        for c in 0..channels {
+            for z in o[0]..o[0] + tile[0] {
+                for y in o[1]..o[1] + tile[1] {
+                    for x in o[2]..o[2] + tile[2] {
+                        let inside = z >= off[0] && z < off[0] + shape[0] && y >= off[1] && y < off[1] + shape[1] && x >= off[2] && x < off[2] + shape[2];
+                        out.push(if inside { volume[[c, z - off[0], y - off[1], x - off[2]]] } else { 0.0 });
+                    }
+                }
             }
-            let mut w =
-                weights.slice_mut(ndarray::s![o[0]..o[0] + tile[0], o[1]..o[1] + tile[1], o[2]..o[2] + tile[2]]);
-            w += &g;
         }
+    };
+    for (zi, &z0) in zs.iter().enumerate() {
+        // Slide the window so this slab's tiles fit: finish what lies below z0.
+        if z0 + tile[0] > base + depth {
+            emit(emitted, z0, base, &scores, &weights, &mut finish);
+            emitted = z0;
+            let shift = z0 - base;
+            let keep = depth - shift;
+            let moved = scores.slice(s![.., shift.., .., ..]).to_owned();
+            scores.fill(0.0);
+            scores.slice_mut(s![.., ..keep, .., ..]).assign(&moved);
+            let moved_w = weights.slice(s![shift.., .., ..]).to_owned();
+            weights.fill(0.0);
+            weights.slice_mut(s![..keep, .., ..]).assign(&moved_w);
+            base = z0;
+        }
+        let origins: Vec<[usize; 3]> = ys.iter().flat_map(|&y| xs.iter().map(move |&x| [z0, y, x])).collect();
+        for chunk in origins.chunks(tiles_per_batch.max(1)) {
+            let mut batch = Vec::with_capacity(chunk.len() * channels * tn);
+            for &o in chunk {
+                tile_input(o, &mut batch);
+            }
+            let out = predict(&batch, chunk.len());
+            assert_eq!(out.len(), chunk.len() * classes * tn, "the model returned the wrong number of scores");
+            for (i, o) in chunk.iter().enumerate() {
+                let ts = ndarray::ArrayView4::from_shape((classes, tile[0], tile[1], tile[2]), &out[i * classes * tn..(i + 1) * classes * tn])
+                    .expect("tile shape");
+                let z = o[0] - base;
+                let mut dst = scores.slice_mut(s![.., z..z + tile[0], o[1]..o[1] + tile[1], o[2]..o[2] + tile[2]]);
+                for c in 0..classes {
+                    let mut d = dst.index_axis_mut(Axis(0), c);
+                    ndarray::Zip::from(&mut d).and(&ts.index_axis(Axis(0), c)).and(&g).for_each(|d, &s, &w| *d += s * w);
+                }
+                let mut w = weights.slice_mut(s![z..z + tile[0], o[1]..o[1] + tile[1], o[2]..o[2] + tile[2]]);
+                w += &g;
+            }
+        }
+        let _ = zi;
     }
-    for mut c in scores.outer_iter_mut() {
-        c /= &weights;
-    }
-    scores
-        .slice(ndarray::s![.., off[0]..off[0] + shape[0], off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]])
-        .to_owned()
+    emit(emitted, padded[0], base, &scores, &weights, &mut finish);
+}
+
+/// Like [`sliding_window_slabs`], collecting every slab: the whole score volume
+/// (for tests and small volumes).
+pub fn sliding_window(
+    volume: &Array4<f32>,
+    tile: [usize; 3],
+    step: f64,
+    classes: usize,
+    tiles_per_batch: usize,
+    predict: impl FnMut(&[f32], usize) -> Vec<f32>,
+) -> Array4<f32> {
+    let mut out = Array4::<f32>::zeros((classes, volume.shape()[1], volume.shape()[2], volume.shape()[3]));
+    sliding_window_slabs(volume, tile, step, classes, tiles_per_batch, predict, |zr, part| {
+        out.slice_mut(s![.., zr, .., ..]).assign(&part);
+    });
+    out
+}
+
+/// Arg-max labels of the slab-wise scores: the full score volume never exists.
+pub fn sliding_window_labels(
+    volume: &Array4<f32>,
+    tile: [usize; 3],
+    step: f64,
+    classes: usize,
+    tiles_per_batch: usize,
+    predict: impl FnMut(&[f32], usize) -> Vec<f32>,
+) -> Array3<u8> {
+    let mut labels = Array3::<u8>::zeros((volume.shape()[1], volume.shape()[2], volume.shape()[3]));
+    sliding_window_slabs(volume, tile, step, classes, tiles_per_batch, predict, |zr, part| {
+        let am = part.map_axis(Axis(0), |v| v.iter().enumerate().fold((0usize, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0 as u8);
+        labels.slice_mut(s![zr, .., ..]).assign(&am);
+    });
+    labels
 }
 
 #[cfg(test)]
@@ -133,5 +199,29 @@ mod tests {
         let g = gaussian([8, 12, 16]);
         assert!(g.iter().all(|&v| v > 0.0 && v <= 1.0));
         assert!(g[[3, 5, 7]] > g[[0, 0, 0]] * 10.0);
+    }
+}
+
+#[cfg(test)]
+mod slab_tests {
+    use super::*;
+
+    #[test]
+    fn slabs_equal_the_whole_volume_computation_and_labels_are_its_argmax() {
+        // Two "classes": the input and its negation, so the argmax is the sign.
+        let vol = Array4::from_shape_fn((1, 70, 20, 24), |(_, z, y, x)| ((z as f32 * 0.3).sin() + (y * x) as f32 * 0.001) - 0.2);
+        let model = |b: &[f32], _n: usize| -> Vec<f32> {
+            let tn = 16 * 16 * 16;
+            b.chunks(tn).flat_map(|t| t.iter().copied().chain(t.iter().map(|v| -v)).collect::<Vec<_>>()).collect()
+        };
+        let scores = sliding_window(&vol, [16, 16, 16], 0.5, 2, 2, model);
+        let max_err = scores.index_axis(Axis(0), 0).iter().zip(vol.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(max_err < 1e-4, "{max_err}");
+        let labels = sliding_window_labels(&vol, [16, 16, 16], 0.5, 2, 2, model);
+        for (l, v) in labels.iter().zip(vol.iter()) {
+            if v.abs() > 1e-3 {
+                assert_eq!(*l, (*v < 0.0) as u8);
+            }
+        }
     }
 }
