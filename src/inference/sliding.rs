@@ -61,14 +61,20 @@ pub fn sliding_window_slabs(
     let mut scores = Array4::<f32>::zeros((classes, depth, padded[1], padded[2]));
     let mut weights = Array3::<f32>::zeros((depth, padded[1], padded[2]));
     let mut emitted = 0usize; // padded z below this has been finished
-    let emit = |from: usize, to: usize, base: usize, scores: &Array4<f32>, weights: &Array3<f32>, finish: &mut dyn FnMut(std::ops::Range<usize>, ndarray::ArrayView4<'_, f32>)| {
+    let emit = |from: usize,
+                to: usize,
+                base: usize,
+                scores: &Array4<f32>,
+                weights: &Array3<f32>,
+                finish: &mut dyn FnMut(std::ops::Range<usize>, ndarray::ArrayView4<'_, f32>)| {
         // Map padded z to volume z, keeping only real slices.
         let lo = from.max(off[0]);
         let hi = to.min(off[0] + shape[0]);
         if lo >= hi {
             return;
         }
-        let mut part = scores.slice(s![.., lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]]).to_owned();
+        let mut part =
+            scores.slice(s![.., lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]]).to_owned();
         let w = weights.slice(s![lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]]);
         for mut c in part.outer_iter_mut() {
             c /= &w;
@@ -80,7 +86,12 @@ pub fn sliding_window_slabs(
             for z in o[0]..o[0] + tile[0] {
                 for y in o[1]..o[1] + tile[1] {
                     for x in o[2]..o[2] + tile[2] {
-                        let inside = z >= off[0] && z < off[0] + shape[0] && y >= off[1] && y < off[1] + shape[1] && x >= off[2] && x < off[2] + shape[2];
+                        let inside = z >= off[0]
+                            && z < off[0] + shape[0]
+                            && y >= off[1]
+                            && y < off[1] + shape[1]
+                            && x >= off[2]
+                            && x < off[2] + shape[2];
                         out.push(if inside { volume[[c, z - off[0], y - off[1], x - off[2]]] } else { 0.0 });
                     }
                 }
@@ -111,13 +122,19 @@ pub fn sliding_window_slabs(
             let out = predict(&batch, chunk.len());
             assert_eq!(out.len(), chunk.len() * classes * tn, "the model returned the wrong number of scores");
             for (i, o) in chunk.iter().enumerate() {
-                let ts = ndarray::ArrayView4::from_shape((classes, tile[0], tile[1], tile[2]), &out[i * classes * tn..(i + 1) * classes * tn])
-                    .expect("tile shape");
+                let ts = ndarray::ArrayView4::from_shape(
+                    (classes, tile[0], tile[1], tile[2]),
+                    &out[i * classes * tn..(i + 1) * classes * tn],
+                )
+                .expect("tile shape");
                 let z = o[0] - base;
                 let mut dst = scores.slice_mut(s![.., z..z + tile[0], o[1]..o[1] + tile[1], o[2]..o[2] + tile[2]]);
                 for c in 0..classes {
                     let mut d = dst.index_axis_mut(Axis(0), c);
-                    ndarray::Zip::from(&mut d).and(&ts.index_axis(Axis(0), c)).and(&g).for_each(|d, &s, &w| *d += s * w);
+                    ndarray::Zip::from(&mut d)
+                        .and(&ts.index_axis(Axis(0), c))
+                        .and(&g)
+                        .for_each(|d, &s, &w| *d += s * w);
                 }
                 let mut w = weights.slice_mut(s![z..z + tile[0], o[1]..o[1] + tile[1], o[2]..o[2] + tile[2]]);
                 w += &g;
@@ -156,7 +173,9 @@ pub fn sliding_window_labels(
 ) -> Array3<u8> {
     let mut labels = Array3::<u8>::zeros((volume.shape()[1], volume.shape()[2], volume.shape()[3]));
     sliding_window_slabs(volume, tile, step, classes, tiles_per_batch, predict, |zr, part| {
-        let am = part.map_axis(Axis(0), |v| v.iter().enumerate().fold((0usize, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0 as u8);
+        let am = part.map_axis(Axis(0), |v| {
+            v.iter().enumerate().fold((0usize, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0 as u8
+        });
         labels.slice_mut(s![zr, .., ..]).assign(&am);
     });
     labels
@@ -209,13 +228,16 @@ mod slab_tests {
     #[test]
     fn slabs_equal_the_whole_volume_computation_and_labels_are_its_argmax() {
         // Two "classes": the input and its negation, so the argmax is the sign.
-        let vol = Array4::from_shape_fn((1, 70, 20, 24), |(_, z, y, x)| ((z as f32 * 0.3).sin() + (y * x) as f32 * 0.001) - 0.2);
+        let vol = Array4::from_shape_fn((1, 70, 20, 24), |(_, z, y, x)| {
+            ((z as f32 * 0.3).sin() + (y * x) as f32 * 0.001) - 0.2
+        });
         let model = |b: &[f32], _n: usize| -> Vec<f32> {
             let tn = 16 * 16 * 16;
             b.chunks(tn).flat_map(|t| t.iter().copied().chain(t.iter().map(|v| -v)).collect::<Vec<_>>()).collect()
         };
         let scores = sliding_window(&vol, [16, 16, 16], 0.5, 2, 2, model);
-        let max_err = scores.index_axis(Axis(0), 0).iter().zip(vol.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let max_err =
+            scores.index_axis(Axis(0), 0).iter().zip(vol.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(max_err < 1e-4, "{max_err}");
         let labels = sliding_window_labels(&vol, [16, 16, 16], 0.5, 2, 2, model);
         for (l, v) in labels.iter().zip(vol.iter()) {
