@@ -50,7 +50,6 @@ pub fn sliding_window_slabs(
     let shape = [volume.shape()[1], volume.shape()[2], volume.shape()[3]];
     let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(tile[a]));
     let off: [usize; 3] = std::array::from_fn(|a| (padded[a] - shape[a]) / 2);
-    // Input value at padded coordinates (0 outside the volume).
     let g = gaussian(tile);
     let zs = tile_starts(padded[0], tile[0], step);
     let (ys, xs) = (tile_starts(padded[1], tile[1], step), tile_starts(padded[2], tile[2], step));
@@ -98,7 +97,7 @@ pub fn sliding_window_slabs(
             }
         }
     };
-    for (zi, &z0) in zs.iter().enumerate() {
+    for &z0 in &zs {
         // Slide the window so this slab's tiles fit: finish what lies below z0.
         if z0 + tile[0] > base + depth {
             emit(emitted, z0, base, &scores, &weights, &mut finish);
@@ -140,7 +139,6 @@ pub fn sliding_window_slabs(
                 w += &g;
             }
         }
-        let _ = zi;
     }
     emit(emitted, padded[0], base, &scores, &weights, &mut finish);
 }

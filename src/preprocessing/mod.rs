@@ -218,11 +218,12 @@ fn shard_path(out: &Path, id: &str) -> PathBuf {
     out.join(format!("{id}.{}", cps3d_storage::SHARD_EXTENSION))
 }
 
-/// A shard that opens and was made for this plan's target spacing counts as done.
-fn is_done(path: &Path, target: [f64; 3]) -> bool {
-    let Ok(shard) = cps3d_storage::Shard::open(path) else { return false };
-    let Ok(meta) = serde_json::from_str::<CaseMeta>(shard.metadata()) else { return false };
-    (0..3).all(|a| target[a].is_nan() || (meta.target_spacing[a] - target[a]).abs() < 1e-9)
+/// The shape of a shard that opens and was made for this plan's target spacing:
+/// such a case is done.
+fn done_shape(path: &Path, target: [f64; 3]) -> Option<[usize; 3]> {
+    let shard = cps3d_storage::Shard::open(path).ok()?;
+    let meta = serde_json::from_str::<CaseMeta>(shard.metadata()).ok()?;
+    (0..3).all(|a| target[a].is_nan() || (meta.target_spacing[a] - target[a]).abs() < 1e-9).then(|| shard.shape())
 }
 
 fn write_case(p: &Preprocessed, path: &Path, opts: &PreprocessOptions) -> Result<u64> {
@@ -291,8 +292,7 @@ pub fn preprocess_dataset(
         opts.workers,
         |case: Case| -> (Case, Result<CaseOutcome>) {
             let path = shard_path(out, &case.id);
-            if !opts.overwrite && is_done(&path, target) {
-                let shape = cps3d_storage::Shard::open(&path).map(|s| s.shape()).unwrap_or([0; 3]);
+            if let Some(shape) = (!opts.overwrite).then(|| done_shape(&path, target)).flatten() {
                 return (case, Ok((false, shape, 0, 0)));
             }
             let r = preprocess_case(&case, plans, &opts.configuration).and_then(|p| {

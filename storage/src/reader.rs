@@ -290,19 +290,8 @@ impl Shard {
         out: &mut [i16],
     ) -> Result<()> {
         let filter = self.header.filter;
-        self.read_channels(scratch, origin, size, pad, out, |brick, n, first, dst: &mut [i16]| match filter {
-            ImageFilter::None => {
-                let src = &brick[2 * first..2 * (first + dst.len())];
-                for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = i16::from_le_bytes([b[0], b[1]]);
-                }
-            }
-            ImageFilter::ByteSplit => {
-                let (lo, hi) = (&brick[first..first + dst.len()], &brick[n + first..n + first + dst.len()]);
-                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                    *d = i16::from_le_bytes([l, h]);
-                }
-            }
+        self.read_channels(scratch, origin, size, pad, out, |brick, n, first, dst: &mut [i16]| {
+            decode_i16(filter, brick, n, first, dst.len(), |i, v| dst[i] = v)
         })
     }
 
@@ -317,19 +306,8 @@ impl Shard {
         out: &mut [f32],
     ) -> Result<()> {
         let (filter, scale, offset) = (self.header.filter, self.header.scale, self.header.offset);
-        self.read_channels(scratch, origin, size, pad, out, |brick, n, first, dst: &mut [f32]| match filter {
-            ImageFilter::None => {
-                let src = &brick[2 * first..2 * (first + dst.len())];
-                for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = f32::from(i16::from_le_bytes([b[0], b[1]])) * scale + offset;
-                }
-            }
-            ImageFilter::ByteSplit => {
-                let (lo, hi) = (&brick[first..first + dst.len()], &brick[n + first..n + first + dst.len()]);
-                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                    *d = f32::from(i16::from_le_bytes([l, h])) * scale + offset;
-                }
-            }
+        self.read_channels(scratch, origin, size, pad, out, |brick, n, first, dst: &mut [f32]| {
+            decode_i16(filter, brick, n, first, dst.len(), |i, v| dst[i] = f32::from(v) * scale + offset)
         })
     }
 
@@ -521,6 +499,25 @@ fn fill_outside<T: Copy>(out: &mut [T], size: [usize; 3], lo: [usize; 3], hi: [u
         for row in slice[lo[1] * size[2]..hi[1] * size[2]].chunks_exact_mut(size[2]) {
             row[..lo[2]].fill(pad);
             row[hi[2]..].fill(pad);
+        }
+    }
+}
+
+/// Decodes `len` i16 values of a decompressed image brick of `n` voxels, starting at
+/// voxel `first`, in either filter layout, handing each to `put(index, value)`.
+#[inline]
+fn decode_i16(filter: ImageFilter, brick: &[u8], n: usize, first: usize, len: usize, mut put: impl FnMut(usize, i16)) {
+    match filter {
+        ImageFilter::None => {
+            for (i, b) in brick[2 * first..2 * (first + len)].chunks_exact(2).enumerate() {
+                put(i, i16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+        ImageFilter::ByteSplit => {
+            let (lo, hi) = (&brick[first..first + len], &brick[n + first..n + first + len]);
+            for (i, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                put(i, i16::from_le_bytes([l, h]));
+            }
         }
     }
 }

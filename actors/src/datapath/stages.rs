@@ -93,15 +93,18 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
         let labeled = (k % per_batch) < cfg.labeled_batch as u64;
         k += 1;
         let list = if labeled { &cfg.labeled } else { &cfg.unlabeled };
-        let live: Vec<usize> = (0..list.len()).filter(|i| !excluded.contains(&(labeled, *i))).collect();
-        if live.is_empty() {
-            sh.fail(format!(
-                "every {} shard failed {SHARD_ERROR_LIMIT} times",
-                if labeled { "labeled" } else { "unlabeled" }
-            ));
-            return;
-        }
-        let idx = live[rng.random_range(0..live.len())];
+        // Uniform over the shards still sampled; the list is built only once some are excluded.
+        let idx = if excluded.is_empty() {
+            rng.random_range(0..list.len())
+        } else {
+            let live: Vec<usize> = (0..list.len()).filter(|i| !excluded.contains(&(labeled, *i))).collect();
+            if live.is_empty() {
+                let kind = if labeled { "labeled" } else { "unlabeled" };
+                sh.fail(format!("every {kind} shard failed {SHARD_ERROR_LIMIT} times"));
+                return;
+            }
+            live[rng.random_range(0..live.len())]
+        };
         let foreground = labeled && rng.random_bool(cfg.oversample_foreground.clamp(0.0, 1.0));
         let draw = planner.draw(&mut rng);
         let result = cache.get(if labeled { idx } else { idx + cfg.labeled.len() }, &list[idx]).and_then(|shard| {
