@@ -6,6 +6,7 @@
 
 pub mod dataset;
 pub mod error;
+pub mod evaluation;
 pub mod inference;
 pub mod info;
 pub mod io;

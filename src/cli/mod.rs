@@ -3,6 +3,7 @@
 
 mod bench;
 mod dataset;
+mod evaluate;
 mod export;
 mod planning;
 mod predict;
@@ -66,6 +67,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Segment images with a trained run: sliding window, optional forced spacing, back to the input's grid.
     Predict(predict::PredictArgs),
+    /// FLARE22 DSC and NSD per case and organ (official rules); CSV in the official layout plus a summary.
+    Evaluate(evaluate::EvaluateArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -105,6 +108,7 @@ pub fn run() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -219,6 +219,14 @@ pub fn read_image(path: &Path) -> Result<Volume<f32>> {
 
 /// Reads a label map: every voxel must be a whole number in 0..=255.
 pub fn read_labels(path: &Path) -> Result<Volume<u8>> {
+    let (labels, geometry) = read_labels_file_order(path)?;
+    let data = to_canonical(labels.view(), &geometry.orientation);
+    Ok(Volume { data, geometry })
+}
+
+/// A label map in the file's own axis order (i, j, k), as nibabel's `get_fdata()` gives it:
+/// what evaluation scripts index.
+pub fn read_labels_file_order(path: &Path) -> Result<(Array3<u8>, Geometry)> {
     let (file_data, geometry) = read_file_order_f32(path)?;
     let mut bad: Option<f32> = None;
     let labels = file_data.mapv(|v| {
@@ -233,8 +241,7 @@ pub fn read_labels(path: &Path) -> Result<Volume<u8>> {
     if let Some(v) = bad {
         return Err(Error::invalid(path, format!("label value {v} is not a whole number in 0..=255")));
     }
-    let data = to_canonical(labels.view(), &geometry.orientation);
-    Ok(Volume { data, geometry })
+    Ok((labels, geometry))
 }
 
 /// The header to write data on `reference`'s grid: both sform and qform set to the
