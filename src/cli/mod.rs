@@ -3,6 +3,7 @@
 
 mod bench;
 mod dataset;
+mod demo;
 mod evaluate;
 mod export;
 mod planning;
@@ -69,6 +70,8 @@ enum Command {
     Predict(predict::PredictArgs),
     /// FLARE22 DSC and NSD per case and organ (official rules); CSV in the official layout plus a summary.
     Evaluate(evaluate::EvaluateArgs),
+    /// The whole pipeline on synthetic phantoms (or --data DIR): plan, preprocess, CPS training, predict, evaluate.
+    Demo(demo::DemoArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -86,7 +89,9 @@ fn init_logging(verbose: u8, quiet: bool) {
 
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
+    // The demo prints its own stage lines; the data path's telemetry would drown them.
+    let quiet = cli.quiet || (matches!(cli.command, Command::Demo(_)) && cli.verbose == 0);
+    init_logging(cli.verbose, quiet);
     let result = match cli.command {
         Command::Info { json } => {
             let info = cps3d::info::collect();
@@ -109,6 +114,7 @@ pub fn run() -> ExitCode {
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
