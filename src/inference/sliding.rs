@@ -54,16 +54,20 @@ pub fn sliding_window_slabs(
     let zs = tile_starts(padded[0], tile[0], step);
     let (ys, xs) = (tile_starts(padded[1], tile[1], step), tile_starts(padded[2], tile[2], step));
     let tn: usize = tile.iter().product();
-    // Rolling accumulator over padded z in [base, base + depth).
-    let depth = (tile[0] * 2).min(padded[0]);
+    // Rolling accumulator over padded z in [base, base + depth): one tile plus the
+    // largest gap between slab origins, so a slab always fits after one shift.
+    let largest_gap = zs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let depth = (tile[0] + largest_gap).min(padded[0]);
+    let plane = padded[1] * padded[2];
     let mut base = 0usize;
     let mut scores = Array4::<f32>::zeros((classes, depth, padded[1], padded[2]));
     let mut weights = Array3::<f32>::zeros((depth, padded[1], padded[2]));
     let mut emitted = 0usize; // padded z below this has been finished
+                              // Finished slices are normalised in place: no later tile touches them.
     let emit = |from: usize,
                 to: usize,
                 base: usize,
-                scores: &Array4<f32>,
+                scores: &mut Array4<f32>,
                 weights: &Array3<f32>,
                 finish: &mut dyn FnMut(std::ops::Range<usize>, ndarray::ArrayView4<'_, f32>)| {
         // Map padded z to volume z, keeping only real slices.
@@ -72,15 +76,29 @@ pub fn sliding_window_slabs(
         if lo >= hi {
             return;
         }
-        let mut part =
-            scores.slice(s![.., lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]]).to_owned();
+        let region = s![.., lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]];
         let w = weights.slice(s![lo - base..hi - base, off[1]..off[1] + shape[1], off[2]..off[2] + shape[2]]);
+        let mut part = scores.slice_mut(region);
         for mut c in part.outer_iter_mut() {
             c /= &w;
         }
         finish(lo - off[0]..hi - off[0], part.view());
     };
     let tile_input = |o: [usize; 3], out: &mut Vec<f32>| {
+        let inside = (0..3).all(|a| o[a] >= off[a] && o[a] + tile[a] <= off[a] + shape[a]);
+        if inside {
+            // The common case: whole rows straight from the volume.
+            let v = volume.slice(s![
+                ..,
+                o[0] - off[0]..o[0] - off[0] + tile[0],
+                o[1] - off[1]..o[1] - off[1] + tile[1],
+                o[2] - off[2]..o[2] - off[2] + tile[2]
+            ]);
+            for row in v.rows() {
+                out.extend(row.iter());
+            }
+            return;
+        }
         for c in 0..channels {
             for z in o[0]..o[0] + tile[0] {
                 for y in o[1]..o[1] + tile[1] {
@@ -100,16 +118,19 @@ pub fn sliding_window_slabs(
     for &z0 in &zs {
         // Slide the window so this slab's tiles fit: finish what lies below z0.
         if z0 + tile[0] > base + depth {
-            emit(emitted, z0, base, &scores, &weights, &mut finish);
+            emit(emitted, z0, base, &mut scores, &weights, &mut finish);
             emitted = z0;
+            // Move the still-open slices down in place and clear the rest.
             let shift = z0 - base;
             let keep = depth - shift;
-            let moved = scores.slice(s![.., shift.., .., ..]).to_owned();
-            scores.fill(0.0);
-            scores.slice_mut(s![.., ..keep, .., ..]).assign(&moved);
-            let moved_w = weights.slice(s![shift.., .., ..]).to_owned();
-            weights.fill(0.0);
-            weights.slice_mut(s![..keep, .., ..]).assign(&moved_w);
+            let scores_flat = scores.as_slice_mut().expect("standard layout");
+            for class in scores_flat.chunks_mut(depth * plane) {
+                class.copy_within(shift * plane.., 0);
+                class[keep * plane..].fill(0.0);
+            }
+            let weights_flat = weights.as_slice_mut().expect("standard layout");
+            weights_flat.copy_within(shift * plane.., 0);
+            weights_flat[keep * plane..].fill(0.0);
             base = z0;
         }
         let origins: Vec<[usize; 3]> = ys.iter().flat_map(|&y| xs.iter().map(move |&x| [z0, y, x])).collect();
@@ -140,7 +161,7 @@ pub fn sliding_window_slabs(
             }
         }
     }
-    emit(emitted, padded[0], base, &scores, &weights, &mut finish);
+    emit(emitted, padded[0], base, &mut scores, &weights, &mut finish);
 }
 
 /// Like [`sliding_window_slabs`], collecting every slab: the whole score volume
