@@ -4,17 +4,8 @@ mod common;
 
 use common::{run, shared_data, stderr, stdout};
 
-/// The score table's rows: (name, 26 scores).
 fn scores(csv: &std::path::Path) -> Vec<(String, Vec<f64>)> {
-    let text = std::fs::read_to_string(csv).unwrap();
-    text.lines()
-        .skip(1)
-        .map(|l| {
-            let mut cells = l.split(',');
-            let name = cells.next().unwrap().to_string();
-            (name, cells.map(|c| if c == "NaN" { f64::NAN } else { c.parse().unwrap() }).collect())
-        })
-        .collect()
+    common::score_table(csv).1
 }
 
 const SMALL: &[&str] = &[

@@ -2,27 +2,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{run, shared_data, stderr, stdout};
 use cps3d::evaluation::{score_case, OrganScore};
 use cps3d::io::nifti::read_labels_file_order;
 use ndarray::{s, Array3};
-
-/// Parses a score table: (case name, 26 numbers in column order).
-fn read_csv(path: &Path) -> (String, Vec<(String, Vec<f64>)>) {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap().to_string();
-    let rows = lines
-        .map(|l| {
-            let mut cells = l.split(',');
-            let name = cells.next().unwrap().to_string();
-            (name, cells.map(|c| if c == "NaN" { f64::NAN } else { c.parse().unwrap() }).collect())
-        })
-        .collect();
-    (header, rows)
-}
 
 #[test]
 fn reproduces_the_official_flare22_scores() {
@@ -47,8 +30,8 @@ fn reproduces_the_official_flare22_scores() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("Gallbladder"), "summary table printed: {}", stdout(&o));
 
-    let (header, rows) = read_csv(&csv);
-    let (official_header, official) = read_csv(&metrics.join("tssm_flare22_official_scores.csv"));
+    let (header, rows) = common::score_table(&csv);
+    let (official_header, official) = common::score_table(&metrics.join("tssm_flare22_official_scores.csv"));
     assert_eq!(header, official_header);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].0, "tssm");
@@ -120,7 +103,7 @@ fn bad_predictions_are_reported_and_the_rest_scored() {
     assert!(err.contains("truncated.nii.gz") && err.contains("truncated"), "{err}");
     assert!(err.contains("wrong_shape.nii.gz") && err.contains("shape"), "{err}");
     assert!(err.contains("orphan.nii.gz") && err.contains("no reference"), "{err}");
-    let (_, rows) = read_csv(&pred.join("flare22_scores.csv"));
+    let (_, rows) = common::score_table(&pred.join("flare22_scores.csv"));
     assert_eq!(rows.len(), 1, "the good case is still scored");
     assert_eq!(rows[0].0, "good");
     assert_eq!((rows[0].1[0], rows[0].1[13]), (1.0, 1.0));

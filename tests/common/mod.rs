@@ -75,3 +75,18 @@ pub fn preprocessed(tmp: &Path, cfg: cps3d::synth::SynthConfig, plan_args: &[&st
     }
     out
 }
+
+/// A FLARE22 score table (`cps3d evaluate`'s CSV): its header and (case name, 26 scores) rows.
+pub fn score_table(csv: &Path) -> (String, Vec<(String, Vec<f64>)>) {
+    let text = std::fs::read_to_string(csv).unwrap_or_else(|e| panic!("{}: {e}", csv.display()));
+    let mut lines = text.lines();
+    let header = lines.next().expect("a header line").to_string();
+    let rows = lines
+        .map(|l| {
+            let mut cells = l.split(',');
+            let name = cells.next().unwrap().to_string();
+            (name, cells.map(|c| if c == "NaN" { f64::NAN } else { c.parse().unwrap() }).collect())
+        })
+        .collect();
+    (header, rows)
+}
