@@ -8,10 +8,12 @@ pub enum Error {
     Invalid { path: PathBuf, message: String },
     #[error("{}: {message}", path.display())]
     Nifti { path: PathBuf, message: String },
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{}: invalid JSON: {source}", path.display())]
-    Json { path: PathBuf, source: serde_json::Error },
+    // The cause is part of the message and deliberately not a `source()`: reports that
+    // print the whole chain would otherwise say it twice.
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("{}: invalid JSON: {cause}", path.display())]
+    Json { path: PathBuf, cause: serde_json::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -22,11 +24,11 @@ impl Error {
     }
 
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Error {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io { path: path.as_ref().to_path_buf(), cause: source }
     }
 
     pub fn json(path: impl AsRef<Path>, source: serde_json::Error) -> Error {
-        Error::Json { path: path.as_ref().to_path_buf(), source }
+        Error::Json { path: path.as_ref().to_path_buf(), cause: source }
     }
 
     /// Turns the nifti crate's terse errors into a sentence about the file.

@@ -24,13 +24,10 @@ impl fmt::Display for Stream {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{path}: {op}: {source}")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        #[source]
-        source: io::Error,
-    },
+    // The cause is in the message and deliberately not a `source()`, so that reports
+    // printing the whole chain do not repeat it.
+    #[error("{path}: {op}: {cause}")]
+    Io { path: PathBuf, op: &'static str, cause: io::Error },
 
     #[error("{path}: not a cps3d shard (magic {found:02x?})")]
     BadMagic { path: PathBuf, found: Vec<u8> },
@@ -79,7 +76,7 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: io::Error) -> Self {
-        StorageError::Io { path: path.into(), op, source }
+        StorageError::Io { path: path.into(), op, cause: source }
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
