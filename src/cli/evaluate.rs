@@ -51,7 +51,10 @@ pub fn evaluate_folders(pred: &Path, reference: &Path, workers: usize) -> Result
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some((name, ref_path, pred_path)) = jobs.get(i) else { break };
-                let outcome = score_files(ref_path, pred_path);
+                // A bug on one case must not take the other cases' scores with it.
+                let outcome = std::panic::catch_unwind(|| score_files(ref_path, pred_path)).unwrap_or_else(|_| {
+                    Err(cps3d::Error::invalid(pred_path, "scoring panicked (a bug in cps3d; the other cases go on)"))
+                });
                 results.lock().expect("no worker panics holding the lock").push((name.clone(), outcome));
                 pb.inc(1);
             });
