@@ -229,10 +229,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     })?;
     let predictions = a.out.join("predictions");
     stage("predict", || {
-        let device = match &a.devices {
-            Some(d) => cps3d::training::run::parse_device(&d[0])?,
-            None => tch::Device::cuda_if_available(),
-        };
+        let device = super::device_or_default(a.devices.as_ref().map(|d| d[0].as_str()))?;
         let opts = PredictOptions { checkpoint: "final".into(), device, ..Default::default() };
         let model = Model::load(&run_dir, &opts.checkpoint, device, opts.ensemble)?;
         std::fs::create_dir_all(&predictions).with_context(|| predictions.display().to_string())?;

@@ -30,16 +30,17 @@ pub fn evaluate_folders(pred: &Path, reference: &Path, workers: usize) -> Result
     if predictions.is_empty() {
         bail!("{}: no .nii.gz or .nii label maps to score", pred.display());
     }
-    let references = label_files(reference)?;
+    let mut references: std::collections::BTreeMap<String, PathBuf> = label_files(reference)?.into_iter().collect();
     let mut problems = Vec::new();
     let mut jobs = Vec::new();
     for (name, path) in &predictions {
-        match references.iter().find(|(r, _)| r == name) {
-            Some((_, ref_path)) => jobs.push((name.clone(), ref_path.clone(), path.clone())),
+        match references.remove(name) {
+            Some(ref_path) => jobs.push((name.clone(), ref_path, path.clone())),
             None => problems.push(format!("{}: no reference {name}.nii.gz in {}", path.display(), reference.display())),
         }
     }
-    let unscored = references.iter().filter(|(r, _)| !predictions.iter().any(|(p, _)| p == r)).count();
+    // What is left has no prediction.
+    let unscored = references.len();
     if unscored > 0 {
         tracing::warn!("{unscored} reference case(s) in {} have no prediction and are not scored", reference.display());
     }
@@ -81,9 +82,7 @@ pub fn write_scores(cases: &[CaseScores], csv: &Path) -> Result<Summary> {
     if let Some(dir) = csv.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
-    let tmp = csv.with_extension("csv.tmp");
-    std::fs::write(&tmp, to_csv(cases)).with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, csv).with_context(|| csv.display().to_string())?;
+    cps3d::util::write_atomic(csv, to_csv(cases).as_bytes())?;
     cps3d::util::write_json_atomic(&csv.with_extension("summary.json"), &summary)?;
     Ok(summary)
 }

@@ -161,3 +161,11 @@ impl std::str::FromStr for MinMax {
 pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
+
+/// The device named on the command line, else the first GPU when there is one, else the CPU.
+pub(crate) fn device_or_default(name: Option<&str>) -> anyhow::Result<tch::Device> {
+    Ok(match name {
+        Some(d) => cps3d::training::run::parse_device(d)?,
+        None => tch::Device::cuda_if_available(),
+    })
+}

@@ -83,10 +83,7 @@ fn cases(input: &Path) -> Result<Vec<Case>> {
 }
 
 pub fn run(a: PredictArgs) -> Result<()> {
-    let device = match &a.device {
-        Some(d) => cps3d::training::run::parse_device(d)?,
-        None => tch::Device::cuda_if_available(),
-    };
+    let device = super::device_or_default(a.device.as_deref())?;
     let opts = PredictOptions {
         checkpoint: a.checkpoint.clone(),
         forced_spacing: a.forced_spacing.as_deref().map(forced).transpose()?,

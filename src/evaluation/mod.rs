@@ -60,6 +60,9 @@ impl LabelExtents {
         for ((i, j, k), &l) in labels.indexed_iter() {
             let l = l as usize;
             e.count[l] += 1;
+            if l == 0 {
+                continue; // background needs a count only
+            }
             for (axis, v) in [i, j, k].into_iter().enumerate() {
                 e.lo[l][axis] = e.lo[l][axis].min(v);
                 e.hi[l][axis] = e.hi[l][axis].max(v);
