@@ -4,7 +4,7 @@
 
 use std::hint::black_box;
 
-use cps3d_actors::augment::{ops, spatial, AugmentConfig, Augmenter, Draw, Sample};
+use cps3d_actors::augment::{ops, AugmentConfig, Augmenter, Draw, Sample};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -33,21 +33,30 @@ fn bench(c: &mut Criterion) {
     let mut out = Sample::default();
     println!("region read for the patch: {region:?} ({:.2} × the patch's voxels)", rn as f64 / pn as f64);
 
+    // Each draw reads from the whole enlarged region, its centre placed as nnU-Net does.
+    let centre_of = |aug: &Augmenter, d: &Draw| -> [f64; 3] {
+        let b = aug.source_box(d);
+        std::array::from_fn(|a| b.centre[a] + b.offset[a] as f64)
+    };
     let rot = Draw { rotation: Some([0.3, -0.2, 0.4]), scale: Some(1.1), ..Default::default() };
+    let c = centre_of(&aug, &rot);
     g.bench_function("spatial_rotate_scale_image_and_labels", |b| {
-        b.iter(|| aug.apply(&rot, region, &src, Some(&src_labels), &mut out))
+        b.iter(|| aug.apply(&rot, region, c, &src, Some(&src_labels), &mut out))
     });
     let rot_z = Draw { rotation: Some([0.4, 0.0, 0.0]), ..Default::default() };
+    let c = centre_of(&aug, &rot_z);
     g.bench_function("spatial_rotate_about_z_only", |b| {
-        b.iter(|| aug.apply(&rot_z, region, &src, Some(&src_labels), &mut out))
+        b.iter(|| aug.apply(&rot_z, region, c, &src, Some(&src_labels), &mut out))
     });
     let scale_only = Draw { scale: Some(1.1), ..Default::default() };
+    let c = centre_of(&aug, &scale_only);
     g.bench_function("spatial_scale_only", |b| {
-        b.iter(|| aug.apply(&scale_only, region, &src, Some(&src_labels), &mut out))
+        b.iter(|| aug.apply(&scale_only, region, c, &src, Some(&src_labels), &mut out))
     });
     let none = Draw::default();
-    g.bench_function("centre_crop_image_and_labels", |b| {
-        b.iter(|| aug.apply(&none, region, &src, Some(&src_labels), &mut out))
+    let c = centre_of(&aug, &none);
+    g.bench_function("crop_image_and_labels", |b| {
+        b.iter(|| aug.apply(&none, region, c, &src, Some(&src_labels), &mut out))
     });
 
     let mut x = patch.clone();
@@ -91,7 +100,6 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
-    let _ = spatial::crop_offset(region, PATCH);
 
     let mut rng = Pcg64Mcg::seed_from_u64(7);
     g.bench_function("full_default_pipeline", |b| b.iter(|| aug.augment(&mut rng, &src, Some(&src_labels), &mut out)));

@@ -24,20 +24,31 @@ pub struct SpatialConfig {
     /// Maximum rotation about each axis, degrees (drawn uniformly in ±).
     pub rotation_degrees: [f32; 3],
     pub p_scaling: f64,
-    /// The same factor on all axes, as nnU-Net: coordinates are divided by it, so
-    /// < 1 samples a larger area (structures shrink) and > 1 zooms in.
+    /// The same factor on all axes, drawn uniformly, as batchgeneratorsv2's
+    /// `SpatialTransform`: patch coordinates are multiplied by it, so > 1 samples a
+    /// larger area (structures shrink) and < 1 zooms in.
     pub scaling: Range,
     /// The smallest scale the loader's region accounts for (nnU-Net's `get_patch_size`
-    /// uses 0.85); smaller draws sample zeros beyond the region, as in nnU-Net.
+    /// uses 0.85); draws reaching past the region sample padding, as in nnU-Net.
     pub region_min_scale: f32,
+    /// In-plane rotation range (±degrees, about z) when the patch is so anisotropic
+    /// that nnU-Net augments in 2D (`do_dummy_2d_data_aug`: largest edge > 3 × z edge).
+    #[serde(default = "default_dummy_2d_rotation")]
+    pub dummy_2d_rotation_degrees: f32,
+}
+
+fn default_dummy_2d_rotation() -> f32 {
+    180.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NoiseConfig {
     pub enabled: bool,
     pub p: f64,
-    /// Variance drawn uniformly from this range.
-    pub variance: Range,
+    /// Standard deviation drawn uniformly from this range. nnU-Net names it
+    /// `noise_variance` but uses the draw as the standard deviation, and so do we.
+    #[serde(alias = "variance")]
+    pub sigma: Range,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -97,8 +108,9 @@ impl Default for AugmentConfig {
                 p_scaling: 0.2,
                 scaling: Range::new(0.7, 1.4),
                 region_min_scale: 0.85,
+                dummy_2d_rotation_degrees: 180.0,
             },
-            noise: NoiseConfig { enabled: true, p: 0.1, variance: Range::new(0.0, 0.1) },
+            noise: NoiseConfig { enabled: true, p: 0.1, sigma: Range::new(0.0, 0.1) },
             blur: BlurConfig { enabled: true, p: 0.2, p_per_channel: 0.5, sigma: Range::new(0.5, 1.0) },
             brightness: FactorConfig { enabled: true, p: 0.15, range: Range::new(0.75, 1.25) },
             contrast: FactorConfig { enabled: true, p: 0.15, range: Range::new(0.75, 1.25) },
@@ -126,33 +138,57 @@ impl AugmentConfig {
         c
     }
 
-    /// The region the loader reads around the patch centre, as nnU-Net's
-    /// `get_patch_size`: the vector of patch dimensions rotated about each axis by
-    /// that axis's largest angle, the per-axis maximum of the magnitudes, divided by
-    /// `region_min_scale`. (Rotations combined over several axes can reach past it;
-    /// they sample zeros there, as in nnU-Net.) Without spatial augmentation it is
-    /// the patch itself.
+    /// Whether nnU-Net augments this patch in 2D (`do_dummy_2d_data_aug`): the largest
+    /// edge is more than 3 × the z edge. Rotation and scaling then act in-plane only and
+    /// low-resolution simulation leaves z alone.
+    pub fn dummy_2d(patch: [usize; 3]) -> bool {
+        let max = *patch.iter().max().unwrap_or(&1) as f64;
+        max / patch[0].max(1) as f64 > 3.0
+    }
+
+    /// The region the loader reads around the patch (nnU-Net's "initial patch size",
+    /// `get_patch_size`): the patch vector turned by the largest angle about each axis
+    /// alone (as a row vector times the rotation matrix, nnU-Net's convention), the
+    /// per-axis maximum magnitude, divided by `region_min_scale` and truncated. In the
+    /// dummy-2D case the angles are the in-plane range (capped at 90°) and z keeps the
+    /// patch's size. Rotations combined over several axes can reach past it; they
+    /// sample padding there, as in nnU-Net. Without spatial augmentation it is the patch.
     pub fn source_region(&self, patch: [usize; 3]) -> [usize; 3] {
         if !self.spatial.enabled || (self.spatial.p_rotation <= 0.0 && self.spatial.p_scaling <= 0.0) {
             return patch;
         }
+        let dummy = Self::dummy_2d(patch);
         let v: [f64; 3] = std::array::from_fn(|a| patch[a] as f64);
         let mut extent = v;
-        if self.spatial.p_rotation > 0.0 {
-            for axis in 0..3 {
-                // Angles are drawn in ±max: both signs.
-                for sign in [1.0, -1.0] {
-                    let mut angles = [0.0; 3];
-                    angles[axis] = sign * (self.spatial.rotation_degrees[axis] as f64).to_radians();
-                    let m = super::spatial::rotation_matrix(angles);
-                    for (i, e) in extent.iter_mut().enumerate() {
-                        let r: f64 = (0..3).map(|j| m[i][j] * v[j]).sum();
-                        *e = e.max(r.abs());
-                    }
-                }
+        for axis in 0..3 {
+            let deg = if dummy { self.spatial.dummy_2d_rotation_degrees } else { self.spatial.rotation_degrees[axis] };
+            let t = (deg.abs() as f64).min(90.0).to_radians();
+            let (s, c) = t.sin_cos();
+            // v · R_axis(t): the rotation about one axis mixes the other two.
+            let (i, j) = match axis {
+                0 => (1, 2),
+                1 => (0, 2),
+                _ => (0, 1),
+            };
+            let mut r = v;
+            if axis == 1 {
+                // R_y = [[c, 0, s], [0, 1, 0], [-s, 0, c]]
+                r[i] = v[i] * c - v[j] * s;
+                r[j] = v[i] * s + v[j] * c;
+            } else {
+                // R_x = [[1, 0, 0], [0, c, -s], [0, s, c]], R_z = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
+                r[i] = v[i] * c + v[j] * s;
+                r[j] = -v[i] * s + v[j] * c;
+            }
+            for (e, x) in extent.iter_mut().zip(r) {
+                *e = e.max(x.abs());
             }
         }
-        let s = if self.spatial.p_scaling > 0.0 { self.spatial.region_min_scale.clamp(0.1, 1.0) as f64 } else { 1.0 };
-        std::array::from_fn(|a| ((extent[a] / s) as usize).max(patch[a]))
+        let s = self.spatial.region_min_scale as f64;
+        let mut region: [usize; 3] = std::array::from_fn(|a| ((extent[a] / s) as usize).max(patch[a]));
+        if dummy {
+            region[0] = patch[0];
+        }
+        region
     }
 }

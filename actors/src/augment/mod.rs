@@ -2,7 +2,8 @@
 //! and its labels, in reused buffers.
 //!
 //! Order (nnU-Net v2's `get_training_transforms`): rotation/scaling (one resampling
-//! pass from the enlarged region, else a centre crop), Gaussian noise, Gaussian blur,
+//! pass from the enlarged region, labels as one-hot scores, else a crop), Gaussian
+//! noise, Gaussian blur,
 //! multiplicative brightness, contrast, low-resolution simulation, inverted gamma,
 //! gamma, mirroring; then the ignore label becomes background and deep-supervision
 //! targets are made. All randomness is drawn up front ([`Augmenter::draw`]) in a
@@ -25,8 +26,11 @@ pub const MAX_CHANNELS: usize = 8;
 /// Every random decision for one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Draw {
+    /// Angles (radians) about axes z, y, x; only the first is used in-plane.
     pub rotation: Option<[f64; 3]>,
     pub scale: Option<f64>,
+    /// nnU-Net's dummy-2D augmentation: rotation about z and scaling of (y, x) only.
+    pub in_plane: bool,
     pub noise_sigma: Option<f32>,
     pub noise_seed: u64,
     pub blur_sigma: [Option<[f32; 3]>; MAX_CHANNELS],
@@ -43,11 +47,19 @@ impl Draw {
         self.rotation.is_some() || self.scale.is_some()
     }
 
-    /// The source-from-patch matrix: the rotation, divided by the scale.
+    /// The source-from-patch matrix `A`: patch offset `d` (from the patch centre)
+    /// samples the source at `centre + A·d`. As batchgeneratorsv2's
+    /// `create_affine_matrix_3d`: `A = R₂(α₂)·R₁(α₁)·R₀(α₀)·S`, `R_k` the rotation about
+    /// array axis k (0 = z), `S` the scale; in-plane (its 2D matrix): `R₀(α₀)·diag(1, s, s)`.
     pub fn matrix(&self) -> [[f64; 3]; 3] {
-        let r = spatial::rotation_matrix(self.rotation.unwrap_or([0.0; 3]));
+        let a = self.rotation.unwrap_or([0.0; 3]);
         let s = self.scale.unwrap_or(1.0);
-        std::array::from_fn(|i| std::array::from_fn(|j| r[i][j] / s))
+        let (r, scale) = if self.in_plane {
+            (spatial::rotation_matrix([a[0], 0.0, 0.0]), [1.0, s, s])
+        } else {
+            (spatial::rotation_matrix(a), [s; 3])
+        };
+        std::array::from_fn(|i| std::array::from_fn(|j| r[i][j] * scale[j]))
     }
 }
 
@@ -89,6 +101,8 @@ pub struct Augmenter {
     cfg: AugmentConfig,
     patch: [usize; 3],
     region: [usize; 3],
+    /// nnU-Net's `do_dummy_2d_data_aug` for this patch.
+    dummy_2d: bool,
     channels: usize,
     /// Output shapes of the deep-supervision targets after the first.
     ds_shapes: Vec<[usize; 3]>,
@@ -97,6 +111,15 @@ pub struct Augmenter {
     small: Vec<f32>,
     noise_table: Vec<f32>,
     lut: Vec<f32>,
+}
+
+/// The part of the enlarged region one draw reads: `offset` and `shape` within the
+/// region, and the patch centre in that box's voxel coordinates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceBox {
+    pub offset: [usize; 3],
+    pub shape: [usize; 3],
+    pub centre: [f64; 3],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +155,7 @@ impl Augmenter {
             .collect();
         Ok(Augmenter {
             region: cfg.source_region(patch),
+            dummy_2d: AugmentConfig::dummy_2d(patch),
             cfg,
             patch,
             channels,
@@ -144,9 +168,14 @@ impl Augmenter {
         })
     }
 
-    /// The region (z, y, x) the loader must read around the patch centre.
+    /// nnU-Net's enlarged patch (z, y, x): the box the loader places in the volume
+    /// (`get_bbox`) and samples from.
     pub fn region(&self) -> [usize; 3] {
         self.region
+    }
+
+    pub fn dummy_2d(&self) -> bool {
+        self.dummy_2d
     }
 
     pub fn patch(&self) -> [usize; 3] {
@@ -166,22 +195,28 @@ impl Augmenter {
         let c = &self.cfg;
         let mut d = Draw::default();
         if c.spatial.enabled {
+            d.in_plane = self.dummy_2d;
+            let angle = |rng: &mut dyn rand::RngCore, max_degrees: f32| {
+                let m = max_degrees as f64;
+                if m > 0.0 {
+                    rng.random_range(-m..=m).to_radians()
+                } else {
+                    0.0
+                }
+            };
             if rng.random_bool(c.spatial.p_rotation) {
-                d.rotation = Some(std::array::from_fn(|a| {
-                    let m = c.spatial.rotation_degrees[a] as f64;
-                    if m > 0.0 {
-                        rng.random_range(-m..=m).to_radians()
-                    } else {
-                        0.0
-                    }
-                }));
+                d.rotation = Some(if self.dummy_2d {
+                    [angle(rng, c.spatial.dummy_2d_rotation_degrees), 0.0, 0.0]
+                } else {
+                    std::array::from_fn(|a| angle(rng, c.spatial.rotation_degrees[a]))
+                });
             }
             if rng.random_bool(c.spatial.p_scaling) {
                 d.scale = Some(uniform(rng, c.spatial.scaling) as f64);
             }
         }
         if c.noise.enabled && rng.random_bool(c.noise.p) {
-            d.noise_sigma = Some(uniform(rng, c.noise.variance).sqrt());
+            d.noise_sigma = Some(uniform(rng, c.noise.sigma));
             d.noise_seed = rng.next_u64();
         }
         if c.blur.enabled && rng.random_bool(c.blur.p) {
@@ -226,47 +261,63 @@ impl Augmenter {
         d
     }
 
-    /// The region (centred on the patch) this draw samples from: the patch itself
-    /// when no spatial transform fires (64% of samples with nnU-Net's settings),
-    /// else the bounding box of the rotated and scaled patch plus the interpolation
-    /// margin, capped at [`Self::region`]. A loader that draws first reads only this.
-    pub fn required_region(&self, d: &Draw) -> [usize; 3] {
+    /// Where the patch sits in the enlarged region for this draw, as nnU-Net places it:
+    /// with rotation or scaling the patch centre is the region's centre `(R − 1)/2`;
+    /// without, the patch is cropped from `⌊R/2⌋ − ⌊P/2⌋` (batchgeneratorsv2's
+    /// `crop_tensor`), no interpolation. Returns the part of the region this draw reads
+    /// (the bare patch for the ~64% of samples without rotation or scaling, else the
+    /// bounding box of the turned patch plus the interpolation neighbour, within the
+    /// region): a loader that draws first reads only that.
+    pub fn source_box(&self, d: &Draw) -> SourceBox {
+        let (p, r) = (self.patch, self.region);
         if !d.spatial() {
-            return self.patch;
+            let offset: [usize; 3] = std::array::from_fn(|a| r[a] / 2 - p[a] / 2);
+            return SourceBox { offset, shape: p, centre: std::array::from_fn(|a| (p[a] as f64 - 1.0) / 2.0) };
         }
         let m = d.matrix();
-        let half: [f64; 3] = std::array::from_fn(|a| (self.patch[a] as f64 - 1.0) / 2.0);
-        std::array::from_fn(|i| {
+        let half: [f64; 3] = std::array::from_fn(|a| (p[a] as f64 - 1.0) / 2.0);
+        let mut offset = [0usize; 3];
+        let mut shape = [0usize; 3];
+        let mut centre = [0f64; 3];
+        for i in 0..3 {
+            let c = (r[i] as f64 - 1.0) / 2.0;
             let extent: f64 = (0..3).map(|j| (m[i][j] * half[j]).abs()).sum();
-            // R = P + 2k ≥ 2·extent + 3 keeps the centre exact and the +1 neighbour inside.
-            let need = 2.0 * extent + 3.0;
-            let k = ((need - self.patch[i] as f64) / 2.0).ceil().max(0.0) as usize;
-            (self.patch[i] + 2 * k).min(self.region[i])
-        })
+            // Trilinear reads floor(x) and floor(x) + 1; a hair of slack for rounding.
+            let lo = ((c - extent - 1e-6).floor() as i64).clamp(0, r[i] as i64) as usize;
+            let hi = ((c + extent + 1e-6).floor() as i64 + 2).clamp(lo as i64 + 1, r[i] as i64) as usize;
+            offset[i] = lo;
+            shape[i] = hi - lo;
+            centre[i] = c - lo as f64;
+        }
+        SourceBox { offset, shape, centre }
     }
 
     /// Draws and applies, from a source of the full [`Self::region`]: `src_image` is
     /// `[channel][z][y][x]`, `src_labels` `[z][y][x]` with [`IGNORE_LABEL`] outside the scan.
     pub fn augment(&mut self, rng: &mut impl Rng, src_image: &[f32], src_labels: Option<&[u8]>, out: &mut Sample) {
         let d = self.draw(rng);
+        let b = self.source_box(&d);
+        let centre = std::array::from_fn(|a| b.centre[a] + b.offset[a] as f64);
         let region = self.region;
-        self.apply(&d, region, src_image, src_labels, out);
+        self.apply(&d, region, centre, src_image, src_labels, out);
     }
 
-    /// Applies a draw to a source region of shape `region` centred on the patch (at
-    /// least the patch; [`Self::required_region`] is enough).
+    /// Applies a draw to a source of shape `src_shape` in which the patch centre sits
+    /// at `centre` (source voxel coordinates; [`Self::source_box`] gives both for the
+    /// part of the region a draw needs). Outside the source the image is 0 and labels
+    /// are [`IGNORE_LABEL`].
     pub fn apply(
         &mut self,
         d: &Draw,
-        region: [usize; 3],
+        src_shape: [usize; 3],
+        centre: [f64; 3],
         src_image: &[f32],
         src_labels: Option<&[u8]>,
         out: &mut Sample,
     ) {
         let (patch, channels) = (self.patch, self.channels);
-        assert!((0..3).all(|a| region[a] >= patch[a]), "source region {region:?} smaller than the patch {patch:?}");
         let pn: usize = patch.iter().product();
-        let rn: usize = region.iter().product();
+        let rn: usize = src_shape.iter().product();
         assert_eq!(src_image.len(), rn * channels, "source image is not channels × region");
         out.draw = *d;
         out.image.resize(pn * channels, 0.0);
@@ -279,11 +330,16 @@ impl Augmenter {
         if d.spatial() {
             let m = d.matrix();
             let labels = src_labels.map(|l| (l, out.labels.as_mut_slice(), IGNORE_LABEL));
-            spatial::transform(src_image, labels, region, &mut out.image, patch, channels, &m);
+            spatial::transform(src_image, labels, src_shape, &mut out.image, patch, channels, &m, centre);
         } else {
-            spatial::crop(src_image, region, &mut out.image, patch, channels);
+            let start: [usize; 3] = std::array::from_fn(|a| {
+                let s = centre[a] - (patch[a] as f64 - 1.0) / 2.0;
+                assert!(s >= 0.0 && s.fract() == 0.0, "a crop starts on a voxel inside the source");
+                s as usize
+            });
+            spatial::crop(src_image, src_shape, start, &mut out.image, patch, channels);
             if let Some(l) = src_labels {
-                spatial::crop(l, region, &mut out.labels, patch, 1);
+                spatial::crop(l, src_shape, start, &mut out.labels, patch, 1);
             }
         }
         self.finish(d, out);
@@ -322,7 +378,14 @@ impl Augmenter {
                 ops::contrast(x, f);
             }
             if let Some(z) = d.low_res_zoom[ch] {
-                let small: [usize; 3] = std::array::from_fn(|a| ((patch[a] as f32 * z).round() as usize).max(1));
+                // Python's round (half to even); z keeps its size in dummy-2D mode.
+                let small: [usize; 3] = std::array::from_fn(|a| {
+                    if a == 0 && self.dummy_2d {
+                        patch[0]
+                    } else {
+                        ((patch[a] as f64 * z as f64).round_ties_even() as usize).max(1)
+                    }
+                });
                 ops::resize_nearest(x, patch, &mut self.small, small);
                 ops::resize_trilinear(&self.small, small, x, patch, &mut self.tmp, &mut self.tmp2);
             }

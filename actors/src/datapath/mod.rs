@@ -26,7 +26,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::augment::{AugmentConfig, Augmenter, Draw, Sample};
 use crate::telemetry::{QueueStats, Snapshot, StageStats, Telemetry};
 
-pub use sampler::CaseSource;
+pub use sampler::{forced_per_batch, forced_slot, region_bounds, region_origin, CaseSource};
 
 /// Normalisation of one channel: clip, then z-score (nnU-Net's CT scheme).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,7 +82,9 @@ pub struct DataPathConfig {
     /// Deep-supervision scales, finest first (the plan's).
     pub ds_scales: Vec<[f64; 3]>,
     pub normalization: Vec<Normalize>,
-    /// Share of labeled samples centred on a foreground voxel (nnU-Net: 0.33).
+    /// nnU-Net's foreground oversampling (0.33): the last
+    /// `labeled_batch − round(labeled_batch · (1 − p))` labeled samples of every batch
+    /// are centred on a stored foreground voxel.
     pub oversample_foreground: f64,
     pub loaders: usize,
     pub augmenters: usize,
@@ -216,8 +218,13 @@ pub(crate) type RawBuffers = (Vec<f32>, Vec<u8>);
 pub(crate) struct RawSample {
     pub case: usize,
     pub labeled: bool,
+    /// The batch slot nnU-Net forces to foreground.
+    pub wants_foreground: bool,
+    /// Whether it got it (a case without foreground falls back to a random box).
     pub forced_foreground: bool,
+    /// The box read (part of nnU-Net's enlarged region) and the patch centre in it.
     pub region: [usize; 3],
+    pub centre: [f64; 3],
     pub image: Vec<f32>,
     pub labels: Vec<u8>,
     pub draw: Draw,
@@ -226,6 +233,7 @@ pub(crate) struct RawSample {
 pub(crate) struct AugmentedSample {
     pub case: usize,
     pub labeled: bool,
+    pub wants_foreground: bool,
     pub forced_foreground: bool,
     pub sample: Sample,
 }

@@ -12,7 +12,7 @@ use crossbeam_channel::{select, Sender};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
-use super::sampler::{patch_origin, ShardCache};
+use super::sampler::{forced_per_batch, forced_slot, foreground_voxel, region_origin, ShardCache};
 use super::{AugmentedSample, Batch, RawSample, Shared, Stage};
 use crate::augment::{Augmenter, IGNORE_LABEL};
 use crate::pool::panic_message;
@@ -89,9 +89,12 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
     let (mut k, mut handled, mut consecutive_failures) = (0u64, 0u64, 0u32);
     while !sh.stopping() {
         let t = Instant::now();
-        // Labeled and unlabeled in the batch's proportion, in a fixed order.
-        let labeled = (k % per_batch) < cfg.labeled_batch as u64;
+        // Labeled and unlabeled in the batch's proportion, in a fixed order; the slot
+        // decides nnU-Net's foreground oversampling.
+        let slot = (k % per_batch) as usize;
+        let labeled = slot < cfg.labeled_batch;
         k += 1;
+        let wants_foreground = labeled && forced_slot(slot, cfg.labeled_batch, cfg.oversample_foreground);
         let list = if labeled { &cfg.labeled } else { &cfg.unlabeled };
         // Uniform over the shards still sampled; the list is built only once some are excluded.
         let idx = if excluded.is_empty() {
@@ -105,12 +108,14 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
             }
             live[rng.random_range(0..live.len())]
         };
-        let foreground = labeled && rng.random_bool(cfg.oversample_foreground.clamp(0.0, 1.0));
         let draw = planner.draw(&mut rng);
         let result = cache.get(if labeled { idx } else { idx + cfg.labeled.len() }, &list[idx]).and_then(|shard| {
-            let (origin, forced) = patch_origin(&shard, cfg.patch, foreground, &mut rng);
-            let region = planner.required_region(&draw);
-            let rorigin: [i64; 3] = std::array::from_fn(|a| origin[a] - ((region[a] - cfg.patch[a]) / 2) as i64);
+            let voxel = if wants_foreground { foreground_voxel(&shard, &mut rng) } else { None };
+            let origin = region_origin(shard.shape(), planner.region(), cfg.patch, voxel, &mut rng);
+            // Only the part of nnU-Net's region this draw samples.
+            let sb = planner.source_box(&draw);
+            let rorigin: [i64; 3] = std::array::from_fn(|a| origin[a] + sb.offset[a] as i64);
+            let region = sb.shape;
             let rn: usize = region.iter().product();
             let (mut image, mut labels) = sh.raw_pool.1.try_recv().unwrap_or_default();
             image.resize(rn * cfg.channels, 0.0);
@@ -127,7 +132,17 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
             } else {
                 labels.clear();
             }
-            Ok(RawSample { case: idx, labeled, forced_foreground: forced, region, image, labels, draw })
+            Ok(RawSample {
+                case: idx,
+                labeled,
+                wants_foreground,
+                forced_foreground: voxel.is_some(),
+                region,
+                centre: sb.centre,
+                image,
+                labels,
+                draw,
+            })
         });
         match result {
             Ok(sample) => {
@@ -186,15 +201,20 @@ fn augmenter(sh: &Shared, _id: usize) {
             aug.apply_in_place(&raw.draw, &mut sample);
         } else {
             let labels = if raw.labeled { Some(raw.labels.as_slice()) } else { None };
-            aug.apply(&raw.draw, raw.region, &raw.image, labels, &mut sample);
+            aug.apply(&raw.draw, raw.region, raw.centre, &raw.image, labels, &mut sample);
         }
         let _ = sh.raw_pool.0.try_send((raw.image, raw.labels));
         handled += 1;
         maybe_fault(sh, Stage::Augmenter, handled);
         stats.add_busy(t);
         stats.items.fetch_add(1, Ordering::Relaxed);
-        let out =
-            AugmentedSample { case: raw.case, labeled: raw.labeled, forced_foreground: raw.forced_foreground, sample };
+        let out = AugmentedSample {
+            case: raw.case,
+            labeled: raw.labeled,
+            wants_foreground: raw.wants_foreground,
+            forced_foreground: raw.forced_foreground,
+            sample,
+        };
         if !send(sh, &sh.augmented.0, out, stats) {
             return;
         }
@@ -205,14 +225,17 @@ fn batcher(sh: &Shared) {
     let cfg = &sh.cfg;
     let stats = sh.telemetry.stage("batcher");
     let (bl, bu) = (cfg.labeled_batch, cfg.unlabeled_batch);
+    // nnU-Net's batch: random labeled samples first, the foreground-forced ones last.
+    let forced = forced_per_batch(bl, cfg.oversample_foreground);
+    let need = [bl - forced, forced, bu];
     // Samples of a kind beyond this wait no longer: bounded even if production skews.
     let keep = 4 * (bl + bu).max(1);
-    let mut labeled: VecDeque<AugmentedSample> = VecDeque::new();
-    let mut unlabeled: VecDeque<AugmentedSample> = VecDeque::new();
+    // Queues: labeled random slots, labeled forced slots, unlabeled.
+    let mut queues: [VecDeque<AugmentedSample>; 3] = Default::default();
     let pn: usize = cfg.patch.iter().product();
     let mut handled = 0u64;
     loop {
-        while labeled.len() < bl || unlabeled.len() < bu {
+        while (0..3).any(|q| queues[q].len() < need[q]) {
             let t = Instant::now();
             let s: AugmentedSample = select! {
                 recv(sh.augmented.1) -> r => match r { Ok(s) => s, Err(_) => return },
@@ -222,7 +245,13 @@ fn batcher(sh: &Shared) {
             if sh.stopping() {
                 return;
             }
-            let q = if s.labeled { &mut labeled } else { &mut unlabeled };
+            let q = &mut queues[if !s.labeled {
+                2
+            } else if s.wants_foreground {
+                1
+            } else {
+                0
+            }];
             q.push_back(s);
             if q.len() > keep {
                 if let Some(old) = q.pop_front() {
@@ -231,7 +260,9 @@ fn batcher(sh: &Shared) {
             }
         }
         let t = Instant::now();
-        let take: Vec<AugmentedSample> = labeled.drain(..bl).chain(unlabeled.drain(..bu)).collect();
+        let [random, forced_q, unlabeled] = &mut queues;
+        let take: Vec<AugmentedSample> =
+            random.drain(..need[0]).chain(forced_q.drain(..need[1])).chain(unlabeled.drain(..need[2])).collect();
         let ds_shapes = ds_shapes_of(cfg);
         // Buffers of a batch every consumer has dropped come back through the pool.
         let (mut image, mut labels, mut ds_labels) = sh.batch_pool.1.try_recv().unwrap_or_default();

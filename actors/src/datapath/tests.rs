@@ -72,29 +72,39 @@ fn batches_have_the_requested_shape_and_composition_and_reach_every_consumer() {
 }
 
 #[test]
-fn rare_foreground_is_oversampled_to_about_a_third() {
+fn the_last_labeled_sample_of_every_batch_is_centred_on_foreground_as_in_nnunet() {
+    // nnU-Net forces sample i of a batch of B iff i ≥ round(B·(1 − 0.33)): with 2 labeled
+    // samples exactly the second, never none, whatever the number of workers.
     let tmp = tempfile::tempdir().unwrap();
     let (l, _) = dataset(tmp.path(), 4, 0);
-    let mut cfg = config(l, Vec::new());
-    cfg.unlabeled_batch = 0;
-    cfg.consumers = 1;
-    cfg.augmentation = crate::augment::AugmentConfig::none();
-    let mut dp = DataPath::start(cfg).unwrap();
-    let (mut with_fg, mut forced, mut n) = (0, 0, 0);
-    let pn = 16 * 20 * 24;
-    for _ in 0..250 {
-        let b = dp.next(0, Duration::from_secs(30)).unwrap();
-        for s in 0..b.labeled {
-            n += 1;
-            forced += b.forced_foreground[s] as usize;
-            with_fg += b.labels[s * pn..(s + 1) * pn].contains(&1) as usize;
+    for (loaders, augmenters, labeled) in [(1, 1, 2), (2, 2, 2), (1, 2, 3)] {
+        let mut cfg = config(l.clone(), Vec::new());
+        cfg.unlabeled_batch = 0;
+        cfg.labeled_batch = labeled;
+        cfg.consumers = 1;
+        (cfg.loaders, cfg.augmenters) = (loaders, augmenters);
+        cfg.augmentation = crate::augment::AugmentConfig::none();
+        let want: Vec<bool> = (0..labeled).map(|i| forced_slot(i, labeled, 0.33)).collect();
+        let mut dp = DataPath::start(cfg).unwrap();
+        let pn = 16 * 20 * 24;
+        let (mut random_with_fg, mut random) = (0, 0);
+        for _ in 0..120 {
+            let b = dp.next(0, Duration::from_secs(30)).unwrap();
+            assert_eq!(b.forced_foreground, want, "{loaders} loaders, {augmenters} augmenters");
+            for s in 0..b.labeled {
+                let has_fg = b.labels[s * pn..(s + 1) * pn].contains(&1);
+                if want[s] {
+                    assert!(has_fg, "a forced sample holds foreground");
+                } else {
+                    random += 1;
+                    random_with_fg += has_fg as usize;
+                }
+            }
         }
+        dp.stop();
+        // A random patch rarely meets the small cube.
+        assert!((random_with_fg as f64) < 0.5 * random as f64, "{random_with_fg} of {random}");
     }
-    dp.stop();
-    let (f, w) = (forced as f64 / n as f64, with_fg as f64 / n as f64);
-    // 33% are centred on foreground; a random patch rarely meets the small cube.
-    assert!((0.28..0.39).contains(&f), "forced {f}");
-    assert!(w >= f - 0.02 && w < 0.5, "with foreground {w}, forced {f}");
 }
 
 #[test]
