@@ -7,4 +7,5 @@ pub mod network;
 pub mod progress;
 pub mod run;
 pub mod sgd;
+pub mod splits;
 pub mod trainer;
