@@ -9,6 +9,7 @@ pub mod error;
 pub mod evaluation;
 pub mod inference;
 pub mod info;
+pub mod interop;
 pub mod io;
 pub mod planning;
 pub mod preprocessing;
