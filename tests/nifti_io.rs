@@ -85,9 +85,9 @@ fn canonical_index_and_file_index_name_the_same_world_point() {
                 assert!((world_canonical[k] - world_file[k]).abs() < 1e-6);
             }
         }
-        // Canonical axes point left, posterior, superior.
+        // Canonical axes point right, anterior, superior (nibabel's closest canonical).
         let a = g.affine();
-        assert!(a[0][2] < 0.0 && a[1][1] < 0.0 && a[2][0] > 0.0, "{rel}: {a:?}");
+        assert!(a[0][2] > 0.0 && a[1][1] > 0.0 && a[2][0] > 0.0, "{rel}: {a:?}");
     }
 }
 

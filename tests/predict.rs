@@ -30,6 +30,11 @@ fn predictions_land_on_the_input_grid_and_bad_files_are_skipped() {
         "2",
         "--devices",
         "cpu,cpu",
+        "--fold",
+        "all",
+        "--val-iterations",
+        "2",
+        "--no-final-validation",
     ]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let inputs = d.join("imagesTr");

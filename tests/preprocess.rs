@@ -149,7 +149,11 @@ fn a_landmark_keeps_its_world_coordinates() {
         )
         .unwrap();
         let fp = fingerprint_dataset(&d, 1, |_| {}).unwrap();
-        let plans = plan(&fp, &PlanOverrides { target_spacing: Some([1.2, 1.2, 1.2]), ..Default::default() }).unwrap();
+        let mut plans =
+            plan(&fp, &PlanOverrides { target_spacing: Some([1.2, 1.2, 1.2]), ..Default::default() }).unwrap();
+        // The cube is under 0.5% of the voxels: the 99.5th percentile would clip it away
+        // before resampling (as nnU-Net would); keep it to follow it.
+        plans.normalization[0].clip_high = 3071.0;
         let raw = cps3d::dataset::RawDataset::open(&d).unwrap();
         let p = preprocess_case(&raw.labeled[0], &plans, "3d_fullres").unwrap();
         // Intensity-weighted centroid of the bright voxels.
@@ -313,4 +317,74 @@ fn verify_lists_a_corrupt_shard_and_exits_non_zero() {
     let text = format!("{}{}", stdout(&o), stderr(&o));
     assert!(text.contains("unlabeled_00000.shard: truncated"), "{text}");
     assert!(text.contains("2 bad shard(s)"), "{text}");
+}
+
+/// nnU-Net's own preprocessing of the real scans (`scripts/reference/preprocess.py`
+/// wrote `tests/golden/preprocess.json`): crop, clip, cubic B-spline resampling (with
+/// and without a separate z axis), one-hot linear labels, RAS and LPS files. Our float
+/// values before the int16 rounding of the shard must equal nnU-Net's (as HU).
+#[test]
+fn real_scans_are_preprocessed_as_nnunet_does() {
+    let Some(data) = shared_data() else { return };
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/preprocess.json")).unwrap(),
+    )
+    .unwrap();
+    let ds = data.join("Dataset001_TSAbdomen");
+    let raw = cps3d::dataset::RawDataset::open(&ds).unwrap();
+    let fp = fingerprint_dataset(&ds, 1, |_| {}).unwrap();
+    let stats = &golden["statistics"];
+    for case in golden["cases"].as_array().unwrap() {
+        let spacing: Vec<f64> =
+            case["target_spacing"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut plans = plan(
+            &fp,
+            &PlanOverrides { target_spacing: Some([spacing[0], spacing[1], spacing[2]]), ..Default::default() },
+        )
+        .unwrap();
+        let n = &mut plans.normalization[0];
+        n.scheme = "CT".into();
+        n.mean = stats["mean"].as_f64().unwrap();
+        n.std = stats["std"].as_f64().unwrap();
+        n.clip_low = stats["percentile_00_5"].as_f64().unwrap();
+        n.clip_high = stats["percentile_99_5"].as_f64().unwrap();
+        let image = case["image"].as_str().unwrap();
+        let c = raw.cases().find(|c| c.images[0].ends_with(image)).expect("the golden case in the dataset");
+        let p = preprocess_case(c, &plans, "3d_fullres").unwrap();
+        let name = case["name"].as_str().unwrap();
+        let shape: Vec<usize> =
+            case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(p.meta.shape.to_vec(), shape, "{name}");
+        let bbox: Vec<[usize; 2]> = case["bbox"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| [b[0].as_u64().unwrap() as usize, b[1].as_u64().unwrap() as usize])
+            .collect();
+        assert_eq!(p.meta.crop_box.to_vec(), bbox, "{name}");
+        let positions = case["positions"].as_array().unwrap();
+        let want = case["hu"].as_array().unwrap();
+        let mut max_diff = 0.0f64;
+        for (pos, w) in positions.iter().zip(want) {
+            let i = [0, 1, 2].map(|a| pos[a].as_u64().unwrap() as usize);
+            max_diff = max_diff.max((p.image[0][i] as f64 - w.as_f64().unwrap()).abs());
+        }
+        eprintln!("{name}: shape {shape:?}, max |Δ| {max_diff:.4} HU at {} positions", positions.len());
+        assert!(max_diff < 0.01, "{name}: {max_diff} HU from nnU-Net's value");
+        if let (Some(labels), Some(want)) = (&p.labels, case["labels"].as_array()) {
+            let differing = positions
+                .iter()
+                .zip(want)
+                .filter(|(pos, w)| {
+                    let i = [0, 1, 2].map(|a| pos[a].as_u64().unwrap() as usize);
+                    labels[i] as u64 != w.as_u64().unwrap()
+                })
+                .count();
+            let counts: Vec<u64> = (0..14u8).map(|c| labels.iter().filter(|&&l| l == c).count() as u64).collect();
+            let want_counts: Vec<u64> =
+                case["label_counts"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            assert_eq!(differing, 0, "{name}: labels differ at sampled positions");
+            assert_eq!(counts, want_counts, "{name}: label voxel counts");
+        }
+    }
 }

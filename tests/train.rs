@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use common::{run, stderr, stdout};
 use cps3d::training::run::{checkpoint_tensors, train, TrainOptions};
 
-/// Phantoms → a tiny plan (patch 16×32×32, features 8..32) → shards.
+/// Phantoms → a tiny plan (patch 16×32×32, features 8..32) → shards; five labeled
+/// cases, the fewest nnU-Net's five folds allow.
 fn tiny_shards(tmp: &Path) -> PathBuf {
     let cfg = cps3d::synth::SynthConfig {
-        labeled: 4,
-        unlabeled: 4,
+        labeled: 5,
+        unlabeled: 3,
         shape: [24, 48, 48],
         seed: 3,
         workers: 2,
@@ -31,6 +32,8 @@ fn options(shards: &Path, run_dir: &Path, epochs: usize, iterations: usize) -> T
         epochs: Some(epochs),
         iterations: Some(iterations),
         seed: 5,
+        val_iterations: 3,
+        final_validation: false,
         ..Default::default()
     }
 }
@@ -112,6 +115,9 @@ fn a_killed_run_leaves_a_loadable_checkpoint_and_resumes() {
             "2",
             "--devices",
             "cpu,cpu",
+            "--val-iterations",
+            "2",
+            "--no-final-validation",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -153,6 +159,9 @@ fn supervised_baseline_trains_one_network_and_exports_its_weights() {
         "--devices",
         "cpu,cpu",
         "--supervised-only",
+        "--val-iterations",
+        "2",
+        "--no-final-validation",
     ]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let log = std::fs::read_to_string(run_dir.join("log.jsonl")).unwrap();
@@ -169,4 +178,62 @@ fn supervised_baseline_trains_one_network_and_exports_its_weights() {
     let count: u64 = weights.iter().map(|(_, t)| t.numel() as u64).sum();
     assert_eq!(count, plans.configurations["3d_fullres"].network.parameter_count);
     assert!(weights.iter().all(|(k, _)| !k.starts_with("momentum.") && !k.starts_with("model.")));
+}
+
+#[test]
+fn folds_follow_splits_final_json_and_the_held_out_case_is_validated_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tiny_shards(tmp.path());
+    let run_dir = tmp.path().join("run");
+    let o = run(&[
+        "train",
+        shards.to_str().unwrap(),
+        "-o",
+        run_dir.to_str().unwrap(),
+        "--fold",
+        "0",
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--devices",
+        "cpu,cpu",
+        "--val-iterations",
+        "2",
+        "--no-val-mirror",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    // nnU-Net's split file, beside the shards: five folds, each case validated once.
+    let splits: Vec<cps3d::training::splits::Split> =
+        serde_json::from_str(&std::fs::read_to_string(shards.join("splits_final.json")).unwrap()).unwrap();
+    assert_eq!(splits.len(), 5);
+    let mut validated: Vec<String> = splits.iter().flat_map(|s| s.val.clone()).collect();
+    validated.sort();
+    assert_eq!(validated, (0..5).map(|i| format!("phantom_{i:04}")).collect::<Vec<_>>());
+    // The held-out case predicted whole, per sibling and ensembled, and scored.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("validation/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["fold"], "0");
+    let cases: Vec<String> =
+        summary["cases"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+    assert_eq!(cases, splits[0].val);
+    let variants: Vec<&str> =
+        summary["variants"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["net0", "net1", "ensemble"]);
+    for v in ["net0", "net1", "ensemble"] {
+        let (_, rows) = common::score_table(&run_dir.join(format!("validation/{v}/flare22_scores.csv")));
+        assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), splits[0].val, "{v}");
+        let pred = cps3d::io::read_labels(&run_dir.join(format!("validation/{v}/{}.nii.gz", cases[0]))).unwrap();
+        let raw = cps3d::io::read_header(&tmp.path().join(format!("raw/labelsTr/{}.nii.gz", cases[0]))).unwrap();
+        assert_eq!(cps3d::dataset::check::geometry_mismatch(&raw, &pred.geometry), None);
+    }
+    assert!(stdout(&o).contains("validation of fold \"0\""), "{}", stdout(&o));
+    // Fold "all" trains (and validates) on every labeled case; an unknown fold is refused.
+    let manifest = cps3d::preprocessing::Manifest::read(&shards.join("manifest.json")).unwrap();
+    let (train_ids, val_ids) = cps3d::training::run::split_for_fold(&shards, &manifest, "all").unwrap();
+    assert_eq!((train_ids.len(), val_ids.len()), (5, 5));
+    let (train_ids, val_ids) = cps3d::training::run::split_for_fold(&shards, &manifest, "3").unwrap();
+    assert_eq!((train_ids, val_ids), (splits[3].train.clone(), splits[3].val.clone()));
+    let e = cps3d::training::run::split_for_fold(&shards, &manifest, "7").unwrap_err().to_string();
+    assert!(e.contains("splits_final.json") && e.contains("fold 7"), "{e}");
 }

@@ -217,6 +217,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             devices: a.devices.clone().unwrap_or_else(default_devices),
             seed: a.seed,
             no_augment: !a.augment,
+            // The demo scores its own held-out cases below: train on every labeled case.
+            fold: "all".into(),
+            val_iterations: 5,
+            final_validation: false,
             ..Default::default()
         };
         train(&opts, resume, None, |l| {
@@ -245,7 +249,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         if let Some(p) = problems.first() {
             bail!("{p}");
         }
-        super::evaluate::write_scores(&cases, &predictions.join("flare22_scores.csv"))
+        Ok(super::evaluate::write_scores(&cases, &predictions.join("flare22_scores.csv"))?)
     })?;
     println!("\nFLARE22 scores of the held-out cases ({}):", predictions.join("flare22_scores.csv").display());
     println!("{summary}");

@@ -1,12 +1,11 @@
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 
 use super::progress;
-use cps3d::evaluation::{label_files, score_files, summarize, to_csv, CaseScores, Summary};
+pub use cps3d::evaluation::write_scores;
+use cps3d::evaluation::{label_files, score_pairs, CaseScores};
 
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
@@ -44,47 +43,11 @@ pub fn evaluate_folders(pred: &Path, reference: &Path, workers: usize) -> Result
     if unscored > 0 {
         tracing::warn!("{unscored} reference case(s) in {} have no prediction and are not scored", reference.display());
     }
-    let next = AtomicUsize::new(0);
-    let results = Mutex::new(Vec::new());
     let pb = progress::bar(jobs.len() as u64, "evaluate");
-    std::thread::scope(|scope| {
-        for _ in 0..workers.clamp(1, jobs.len().max(1)) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((name, ref_path, pred_path)) = jobs.get(i) else { break };
-                // A bug on one case must not take the other cases' scores with it.
-                let outcome = std::panic::catch_unwind(|| score_files(ref_path, pred_path)).unwrap_or_else(|_| {
-                    Err(cps3d::Error::invalid(pred_path, "scoring panicked (a bug in cps3d; the other cases go on)"))
-                });
-                results.lock().expect("no worker panics holding the lock").push((name.clone(), outcome));
-                pb.inc(1);
-            });
-        }
-    });
+    let (cases, failed) = score_pairs(&jobs, workers, || pb.inc(1));
     pb.finish_and_clear();
-    let mut cases = Vec::new();
-    for (name, outcome) in results.into_inner().expect("workers finished") {
-        match outcome {
-            Ok((organs, warnings)) => {
-                warnings.iter().for_each(|w| tracing::warn!("{w}"));
-                cases.push(CaseScores { name, organs });
-            }
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
-    cases.sort_by(|a, b| a.name.cmp(&b.name));
+    problems.extend(failed);
     Ok((cases, problems))
-}
-
-/// Writes the CSV and the summary JSON beside it; returns the summary.
-pub fn write_scores(cases: &[CaseScores], csv: &Path) -> Result<Summary> {
-    let summary = summarize(cases);
-    if let Some(dir) = csv.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
-    }
-    cps3d::util::write_atomic(csv, to_csv(cases).as_bytes())?;
-    cps3d::util::write_json_atomic(&csv.with_extension("summary.json"), &summary)?;
-    Ok(summary)
 }
 
 pub fn run(a: EvaluateArgs) -> Result<()> {

@@ -10,19 +10,33 @@ pub struct ExportArgs {
     /// Which checkpoint: latest, best or final.
     #[arg(long, default_value = "best")]
     checkpoint: String,
-    /// Output folder: net0.safetensors, net1.safetensors (weights only) and plans.json.
+    /// Output folder: net0.safetensors, net1.safetensors (weights only) and plans.json; with
+    /// --nnunet an nnU-Net v2 trained-model folder.
     #[arg(short, long)]
     out: PathBuf,
+    /// Write an nnU-Net v2 trained-model folder instead: dataset.json, plans.json (nnU-Net's
+    /// schema) and fold_0/fold_1/checkpoint_final.pth (the siblings), so that
+    /// `nnUNetv2_predict_from_modelfolder -m OUT -f 0 1` predicts with the sibling ensemble.
+    #[arg(long)]
+    nnunet: bool,
 }
 
 /// Writes each network's weights as a plain safetensors file (names as in the
 /// network, no optimizer state) that `safetensors.torch.load_file` reads.
 pub fn run(a: ExportArgs) -> Result<()> {
-    let pointer = a.run.join(format!("{}.json", a.checkpoint));
-    let p: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&pointer).with_context(|| format!("{} (no such checkpoint)", pointer.display()))?,
-    )?;
-    let dir = a.run.join(p["checkpoint"].as_str().context("the pointer names no checkpoint")?);
+    let dir = cps3d::inference::checkpoint_dir(&a.run, &a.checkpoint)?;
+    if a.nnunet {
+        let n = cps3d::interop::nnunet::export_model_folder(&dir, &a.out)
+            .with_context(|| format!("exporting {} as an nnU-Net model folder", dir.display()))?;
+        let folds: Vec<String> = (0..n).map(|f| f.to_string()).collect();
+        println!(
+            "{}: nnU-Net v2 model folder, {n} fold(s) (the siblings); predict with\n  nnUNetv2_predict_from_modelfolder -i IMAGES -o OUT -m {} -f {}",
+            a.out.display(),
+            a.out.display(),
+            folds.join(" ")
+        );
+        return Ok(());
+    }
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     let mut written = 0;
     for i in 0..2 {

@@ -16,9 +16,10 @@ pub struct PredictArgs {
     /// Output folder for {CASE}.nii.gz label maps.
     #[arg(short, long)]
     out: PathBuf,
-    /// A run folder from `cps3d train` (or a folder from `cps3d export`).
-    #[arg(short, long)]
-    model: PathBuf,
+    /// A run folder from `cps3d train` (or a folder from `cps3d export`); repeat to
+    /// ensemble several runs or folds (`-m RUN1 -m RUN2`): every network's logits are averaged.
+    #[arg(short, long, required = true)]
+    model: Vec<PathBuf>,
     /// Which checkpoint: best, final or latest.
     #[arg(long, default_value = "best")]
     checkpoint: String,
@@ -31,9 +32,13 @@ pub struct PredictArgs {
     /// Mirroring test-time augmentation (8 flips).
     #[arg(long)]
     tta: bool,
-    /// Use only the first network instead of both siblings' mean softmax.
+    /// Use only each run's first network instead of both siblings' mean logits.
     #[arg(long)]
     no_ensemble: bool,
+    /// Also write nnU-Net's CASE.npz (softmax probabilities, [K, z, y, x] float32) and
+    /// CASE.pkl, e.g. for `nnUNetv2_ensemble`.
+    #[arg(long)]
+    save_probabilities: bool,
     /// Keep every connected component (no largest-component post-processing).
     #[arg(long)]
     no_lcc: bool,
@@ -92,10 +97,12 @@ pub fn run(a: PredictArgs) -> Result<()> {
         ensemble: !a.no_ensemble,
         largest_component: !a.no_lcc,
         device,
+        save_probabilities: a.save_probabilities,
         ..Default::default()
     };
-    let model = Model::load(&a.model, &opts.checkpoint, device, opts.ensemble)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let names: Vec<String> = a.model.iter().map(|m| m.display().to_string()).collect();
+    let model = Model::load_many(&a.model, &opts.checkpoint, device, opts.ensemble)
+        .with_context(|| format!("loading {}", names.join(", ")))?;
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     let cases = cases(&a.input)?;
     if cases.is_empty() {

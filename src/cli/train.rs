@@ -38,9 +38,21 @@ pub struct TrainArgs {
     supervised_only: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Share of labeled cases held out for the pseudo-Dice.
-    #[arg(long, default_value_t = 0.2)]
-    val_fraction: f64,
+    /// nnU-Net's fold: 0..4 trains on four fifths of the labeled cases and validates on the
+    /// rest (SHARDS/splits_final.json, made on first use as nnU-Net does); `all` trains on
+    /// every labeled case and validates on them.
+    #[arg(long, default_value = "0")]
+    fold: String,
+    /// Batches of held-out patches per epoch for the pseudo-Dice (nnU-Net: 50).
+    #[arg(long, default_value_t = 50)]
+    val_iterations: usize,
+    /// Skip the end-of-training validation (every held-out case predicted whole and scored
+    /// into RUN_DIR/validation/).
+    #[arg(long)]
+    no_final_validation: bool,
+    /// No mirroring in that validation (nnU-Net mirrors; 8× faster without).
+    #[arg(long)]
+    no_val_mirror: bool,
     /// Data-path workers.
     #[arg(long, default_value_t = 1)]
     loaders: usize,
@@ -101,7 +113,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 epochs: a.epochs,
                 iterations: a.iterations,
                 seed: a.seed,
-                val_fraction: a.val_fraction,
+                fold: a.fold.clone(),
+                val_iterations: a.val_iterations,
+                final_validation: !a.no_final_validation,
+                val_mirror: !a.no_val_mirror,
                 loaders: a.loaders,
                 augmenters: a.augmenters,
                 batchers: a.batchers,
@@ -157,5 +172,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
     pb.finish_and_clear();
     let logs = result.with_context(|| format!("training into {}", opts.run_dir.display()))?;
     println!("{} epoch(s) trained; logs and checkpoints in {}", logs.len(), opts.run_dir.display());
+    let validation = opts.run_dir.join("validation/summary.json");
+    if let Ok(text) = std::fs::read_to_string(&validation) {
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        println!(
+            "validation of fold {} ({} case(s), FLARE22 means):",
+            v["fold"],
+            v["cases"].as_array().map_or(0, |c| c.len())
+        );
+        for variant in v["variants"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<9} DSC {:.4}  NSD {:.4}   {}",
+                variant["name"].as_str().unwrap_or("?"),
+                variant["mean_dsc"].as_f64().unwrap_or(f64::NAN),
+                variant["mean_nsd"].as_f64().unwrap_or(f64::NAN),
+                variant["scores"].as_str().unwrap_or("")
+            );
+        }
+    }
     Ok(())
 }

@@ -176,6 +176,57 @@ pub fn score_files(reference: &Path, prediction: &Path) -> Result<(Vec<OrganScor
     Ok((score_case(ref_labels.view(), pred_labels.view(), spacing), warnings))
 }
 
+/// Scores (name, reference, prediction) pairs on `workers` threads; a failure (or a
+/// panic) on one case is reported with its file and the others go on. `on_done` is
+/// called after each case. Returns the scores sorted by name and the problems.
+pub fn score_pairs(
+    jobs: &[(String, std::path::PathBuf, std::path::PathBuf)],
+    workers: usize,
+    on_done: impl Fn() + Sync,
+) -> (Vec<CaseScores>, Vec<String>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.clamp(1, jobs.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((name, ref_path, pred_path)) = jobs.get(i) else { break };
+                // A bug on one case must not take the other cases' scores with it.
+                let outcome = std::panic::catch_unwind(|| score_files(ref_path, pred_path)).unwrap_or_else(|_| {
+                    Err(Error::invalid(pred_path, "scoring panicked (a bug in cps3d; the other cases go on)"))
+                });
+                results.lock().unwrap_or_else(|e| e.into_inner()).push((name.clone(), outcome));
+                on_done();
+            });
+        }
+    });
+    let mut cases = Vec::new();
+    let mut problems = Vec::new();
+    for (name, outcome) in results.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        match outcome {
+            Ok((organs, warnings)) => {
+                warnings.iter().for_each(|w| tracing::warn!("{w}"));
+                cases.push(CaseScores { name, organs });
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    cases.sort_by(|a, b| a.name.cmp(&b.name));
+    (cases, problems)
+}
+
+/// Writes the score table (CSV) and the summary JSON beside it; returns the summary.
+pub fn write_scores(cases: &[CaseScores], csv: &Path) -> Result<Summary> {
+    let summary = summarize(cases);
+    if let Some(dir) = csv.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    crate::util::write_atomic(csv, to_csv(cases).as_bytes())?;
+    crate::util::write_json_atomic(&csv.with_extension("summary.json"), &summary)?;
+    Ok(summary)
+}
+
 /// The CSV header of the official script: Name, 13 × `<organ>_DSC`, 13 × `<organ>_NSD`.
 pub fn csv_header() -> String {
     let mut cols = vec!["Name".to_string()];

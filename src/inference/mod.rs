@@ -1,14 +1,17 @@
-//! Inference, as nnU-Net's `inference/`: forced spacing, crop, resample, normalise,
-//! sliding window over one or both siblings (mean of softmax), optional mirroring,
-//! back to the original grid, largest-connected-component post-processing, and a
-//! uint8 label map with the input's exact geometry.
+//! Inference, as nnU-Net's `inference/`: forced spacing (the paper's), crop, clip,
+//! resample and z-score exactly as preprocessing does, a sliding window over every
+//! network (both siblings, and several runs or folds) averaging **logits** (and their
+//! mirrored copies), the logits resampled back to the input grid and only then
+//! arg-maxed, largest-connected-component post-processing, and a uint8 label map with
+//! the input's exact geometry. Optionally nnU-Net's `.npz` + `.pkl` probabilities.
 
+pub mod export;
 pub mod postprocess;
 pub mod sliding;
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{s, Array3, Array4, Axis};
+use ndarray::Array3;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -16,7 +19,8 @@ use crate::dataset::Case;
 use crate::error::{Error, Result};
 use crate::planning::fingerprint::nonzero_box;
 use crate::planning::plan::Plans;
-use crate::preprocessing::resample::{resample_image, resample_labels, separate_axis};
+use crate::preprocessing::crop_clip_resample;
+use crate::preprocessing::resample::{compute_new_shape, separate_axis};
 use crate::training::network::UNet;
 
 /// The paper's rule: the scan's spacing is replaced before preprocessing, by the
@@ -53,11 +57,13 @@ pub struct PredictOptions {
     pub forced_spacing: Option<ForcedSpacing>,
     pub step: f64,
     pub mirror: bool,
-    /// Use both siblings (mean of softmax) when the run has two.
+    /// Use both siblings (mean of logits) when a run has two.
     pub ensemble: bool,
     pub largest_component: bool,
     pub device: Device,
     pub tiles_per_batch: usize,
+    /// Also write nnU-Net's `CASE.npz` (softmax probabilities) and `CASE.pkl`.
+    pub save_probabilities: bool,
 }
 
 impl Default for PredictOptions {
@@ -71,91 +77,140 @@ impl Default for PredictOptions {
             largest_component: true,
             device: Device::Cpu,
             tiles_per_batch: 2,
+            save_probabilities: false,
         }
     }
 }
 
-/// Networks of a training run, ready to predict.
+/// The folder of a run's checkpoint (`RUN/{name}.json` points at it), or the folder
+/// itself when it holds networks (an `export` folder or a checkpoint folder).
+pub fn checkpoint_dir(run: &Path, name: &str) -> Result<PathBuf> {
+    let pointer = run.join(format!("{name}.json"));
+    match std::fs::read_to_string(&pointer) {
+        Ok(t) => {
+            let v: serde_json::Value = serde_json::from_str(&t).map_err(|e| Error::json(&pointer, e))?;
+            let rel = v["checkpoint"]
+                .as_str()
+                .ok_or_else(|| Error::invalid(&pointer, "names no checkpoint (\"checkpoint\": \"...\")"))?;
+            Ok(run.join(rel))
+        }
+        Err(_) if run.join("net0.safetensors").exists() => Ok(run.to_path_buf()),
+        Err(_) => Err(Error::invalid(
+            run,
+            format!("no {name}.json (a run folder from `cps3d train`) and no net0.safetensors (an export folder)"),
+        )),
+    }
+}
+
+/// Networks of one or more training runs (folds, siblings), ready to predict.
 pub struct Model {
     pub plans: Plans,
     pub configuration: String,
     nets: Vec<(nn::VarStore, UNet)>,
     device: Device,
+    mixed_precision: bool,
 }
 
 impl Model {
     /// Loads `RUN_DIR/{checkpoint}.json`'s networks (or an `export` folder).
     pub fn load(run: &Path, checkpoint: &str, device: Device, ensemble: bool) -> Result<Model> {
-        let dir = match std::fs::read_to_string(run.join(format!("{checkpoint}.json"))) {
-            Ok(t) => {
-                let v: serde_json::Value =
-                    serde_json::from_str(&t).map_err(|e| Error::json(run.join(format!("{checkpoint}.json")), e))?;
-                run.join(v["checkpoint"].as_str().unwrap_or_default())
+        Model::load_many(&[run.to_path_buf()], checkpoint, device, ensemble)
+    }
+
+    /// Every run's networks, averaged at prediction (nnU-Net's fold ensemble); the runs
+    /// must share one plan's configuration (spacing, patch, classes, normalisation).
+    pub fn load_many(runs: &[PathBuf], checkpoint: &str, device: Device, ensemble: bool) -> Result<Model> {
+        let mut model: Option<Model> = None;
+        for run in runs {
+            let dir = checkpoint_dir(run, checkpoint)?;
+            let plans = Plans::read(&dir.join("plans.json")).or_else(|_| Plans::read(&run.join("plans.json")))?;
+            let configuration = plans.cps.configuration.clone();
+            let conf = plans
+                .configuration(&configuration)
+                .ok_or_else(|| Error::invalid(run.join("plans.json"), format!("no configuration {configuration}")))?;
+            if let Some(m) = &model {
+                let first = m.plans.configuration(&m.configuration).expect("checked");
+                let same = first.spacing == conf.spacing
+                    && first.patch_size == conf.patch_size
+                    && m.plans.num_classes == plans.num_classes
+                    && m.plans.normalization == plans.normalization
+                    && first.network.features_per_stage == conf.network.features_per_stage;
+                if !same {
+                    return Err(Error::invalid(
+                        run,
+                        format!(
+                            "its plan differs from {}'s (spacing, patch, classes, normalisation or network): \
+                             runs ensembled together must come from one plan",
+                            runs[0].display()
+                        ),
+                    ));
+                }
             }
-            Err(_) => run.to_path_buf(), // an `export` folder
-        };
-        let plans = Plans::read(&dir.join("plans.json")).or_else(|_| Plans::read(&run.join("plans.json")))?;
+            let mut spec = conf.network.clone();
+            spec.input_channels = plans.channels.len();
+            // Inference needs the full-resolution head only.
+            spec.deep_supervision = false;
+            let mut nets = Vec::new();
+            for i in 0..2 {
+                let path = dir.join(format!("net{i}.safetensors"));
+                if !path.exists() || (!ensemble && i > 0) {
+                    continue;
+                }
+                nets.push(load_network(&path, &spec, device)?);
+            }
+            if nets.is_empty() {
+                return Err(Error::invalid(&dir, "no net0.safetensors / net1.safetensors"));
+            }
+            match &mut model {
+                Some(m) => m.nets.extend(nets),
+                None => {
+                    let mixed_precision = plans.cps.mixed_precision;
+                    model = Some(Model { plans, configuration, nets, device, mixed_precision })
+                }
+            }
+        }
+        model.ok_or_else(|| Error::invalid("--model", "no run given"))
+    }
+
+    /// One network of a checkpoint folder (`name`: net0 or net1), e.g. to score a
+    /// sibling alone.
+    pub fn load_single(dir: &Path, name: &str, device: Device) -> Result<Model> {
+        let plans = Plans::read(&dir.join("plans.json"))?;
         let configuration = plans.cps.configuration.clone();
         let conf = plans
             .configuration(&configuration)
-            .ok_or_else(|| Error::invalid(run, format!("plans.json has no configuration {configuration}")))?;
+            .ok_or_else(|| Error::invalid(dir.join("plans.json"), format!("no configuration {configuration}")))?;
         let mut spec = conf.network.clone();
         spec.input_channels = plans.channels.len();
-        let mut nets = Vec::new();
-        for i in 0..2 {
-            let path = dir.join(format!("net{i}.safetensors"));
-            if !path.exists() || (!ensemble && i > 0) {
-                continue;
-            }
-            let vs = nn::VarStore::new(device);
-            let net = UNet::new(&vs.root(), &spec);
-            let loaded = Tensor::read_safetensors(&path).map_err(|e| Error::invalid(&path, e.to_string()))?;
-            let vars = vs.variables();
-            let mut n = 0;
-            for (name, t) in loaded {
-                let key = name.strip_prefix("model.").unwrap_or(&name);
-                if name.starts_with("momentum.") {
-                    continue;
-                }
-                let v = vars.get(key).ok_or_else(|| Error::invalid(&path, format!("unknown tensor {name}")))?;
-                tch::no_grad(|| v.shallow_clone().copy_(&t));
-                n += 1;
-            }
-            if n != vars.len() {
-                return Err(Error::invalid(&path, format!("holds {n} of the network's {} tensors", vars.len())));
-            }
-            nets.push((vs, net));
-        }
-        if nets.is_empty() {
-            return Err(Error::invalid(&dir, "no net0.safetensors / net1.safetensors"));
-        }
-        Ok(Model { plans, configuration, nets, device })
+        spec.deep_supervision = false;
+        let net = load_network(&dir.join(format!("{name}.safetensors")), &spec, device)?;
+        let mixed_precision = plans.cps.mixed_precision;
+        Ok(Model { plans, configuration, nets: vec![net], device, mixed_precision })
     }
 
     pub fn networks(&self) -> usize {
         self.nets.len()
     }
 
-    /// Mean softmax of the networks (and mirrored copies) for a batch of tiles.
-    fn scores(&self, batch: &[f32], n: usize, tile: [usize; 3], channels: usize, mirror: bool) -> Vec<f32> {
-        let [z, y, x] = tile.map(|v| v as i64);
-        let input = Tensor::from_slice(batch).reshape([n as i64, channels as i64, z, y, x]).to_device(self.device);
+    /// Mean logits of every network (and, with `mirror`, of nnU-Net's 7 mirrored copies
+    /// as well) for a batch of tiles `[n, C, tile]` on the model's device.
+    pub fn logits(&self, tiles: &Tensor, mirror: bool) -> Tensor {
+        let flips: Vec<Vec<i64>> = if mirror {
+            vec![vec![], vec![2], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]]
+        } else {
+            vec![vec![]]
+        };
         tch::no_grad(|| {
-            let flips: Vec<Vec<i64>> = if mirror {
-                vec![vec![], vec![2], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]]
-            } else {
-                vec![vec![]]
-            };
             let mut sum: Option<Tensor> = None;
             for (_, net) in &self.nets {
                 for f in &flips {
-                    let inp = if f.is_empty() { input.shallow_clone() } else { input.flip(f.as_slice()) };
-                    let out = if self.device.is_cuda() {
+                    let inp = if f.is_empty() { tiles.shallow_clone() } else { tiles.flip(f.as_slice()) };
+                    let out = if self.device.is_cuda() && self.mixed_precision {
                         tch::autocast(true, || net.forward(&inp))
                     } else {
                         net.forward(&inp)
                     };
-                    let mut p = out[0].to_kind(Kind::Float).softmax(1, Kind::Float);
+                    let mut p = out[0].to_kind(Kind::Float);
                     if !f.is_empty() {
                         p = p.flip(f.as_slice());
                     }
@@ -165,11 +220,42 @@ impl Model {
                     });
                 }
             }
-            let total = (self.nets.len() * flips.len()) as f64;
-            let mean = sum.expect("at least one network") / total;
-            Vec::<f32>::try_from(mean.to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default()
+            sum.expect("at least one network") / (self.nets.len() * flips.len()) as f64
         })
     }
+}
+
+/// One network from a safetensors file (`model.`-prefixed names from a checkpoint, or
+/// bare names from an export); every tensor must be there.
+fn load_network(
+    path: &Path,
+    spec: &crate::planning::topology::NetworkSpec,
+    device: Device,
+) -> Result<(nn::VarStore, UNet)> {
+    let vs = nn::VarStore::new(device);
+    let net = UNet::new(&vs.root(), spec);
+    let loaded = Tensor::read_safetensors(path).map_err(|e| Error::invalid(path, e.to_string()))?;
+    let vars = vs.variables();
+    let mut n = 0;
+    for (name, t) in loaded {
+        if name.starts_with("momentum.") {
+            continue;
+        }
+        let key = name.strip_prefix("model.").unwrap_or(&name);
+        let v = vars.get(key).ok_or_else(|| Error::invalid(path, format!("unknown tensor {name}")))?;
+        if v.size() != t.size() {
+            return Err(Error::invalid(
+                path,
+                format!("{name} has shape {:?}, the plan's network {:?}", t.size(), v.size()),
+            ));
+        }
+        tch::no_grad(|| v.shallow_clone().copy_(&t));
+        n += 1;
+    }
+    if n != vars.len() {
+        return Err(Error::invalid(path, format!("holds {n} of the network's {} tensors", vars.len())));
+    }
+    Ok((vs, net))
 }
 
 /// What predicting one case took.
@@ -181,7 +267,8 @@ pub struct CaseReport {
     pub network_shape: [usize; 3],
 }
 
-/// Predicts one case (its channel files) and writes the label map to `out`.
+/// Predicts one case (its channel files) and writes the label map to `out` (and,
+/// with `save_probabilities`, `CASE.npz` and `CASE.pkl` beside it).
 pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOptions) -> Result<CaseReport> {
     let start = std::time::Instant::now();
     let loaded = Case { label: None, ..case.clone() }.load()?;
@@ -196,38 +283,116 @@ pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOption
         None => geometry.spacing(),
     };
     let bbox = nonzero_box(&channels);
-    let crop = s![bbox[0][0]..bbox[0][1], bbox[1][0]..bbox[1][1], bbox[2][0]..bbox[2][1]];
     let cropped: [usize; 3] = std::array::from_fn(|a| bbox[a][1] - bbox[a][0]);
-    let net_shape: [usize; 3] =
-        std::array::from_fn(|a| ((cropped[a] as f64 * spacing[a] / target[a]).round() as usize).max(1));
+    let net_shape = compute_new_shape(cropped, spacing, target);
     let sep = separate_axis(spacing, target, crate::planning::plan::ANISO_THRESHOLD);
     let norms = &model.plans.normalization;
     let c = channels.len();
-    let mut volume = Array4::<f32>::zeros((c, net_shape[0], net_shape[1], net_shape[2]));
-    for (i, ch) in channels.into_iter().enumerate() {
-        let r = resample_image(ch.slice(crop).to_owned(), net_shape, sep);
+    let resampled = crop_clip_resample(channels, bbox, norms, net_shape, sep);
+    let mut flat = Vec::with_capacity(c * net_shape.iter().product::<usize>());
+    for (i, r) in resampled.iter().enumerate() {
         let n = &norms[i.min(norms.len() - 1)];
-        volume.index_axis_mut(Axis(0), i).assign(&r.mapv(|v| n.apply(v)));
+        flat.extend(r.iter().map(|&v| n.standardize(v)));
     }
+    drop(resampled);
+    let [z, y, x] = net_shape.map(|v| v as i64);
+    let volume = Tensor::from_slice(&flat).reshape([c as i64, z, y, x]).to_device(opts.device);
+    drop(flat);
     let classes = model.plans.num_classes;
-    let labels = sliding::sliding_window_labels(&volume, tile, opts.step, classes, opts.tiles_per_batch, |b, n| {
-        model.scores(b, n, tile, c, opts.mirror)
-    });
+    // Back to the input grid: nnU-Net decides the separate axis with the network
+    // spacing as the current one here.
+    let back_sep = separate_axis(target, spacing, crate::planning::plan::ANISO_THRESHOLD);
+    let mut to_grid = export::LogitsToGrid::new(classes, net_shape, cropped, back_sep);
+    let mut cropped_labels = Array3::<u8>::zeros(cropped);
+    let plane = cropped[1] * cropped[2];
+    let npz = out.with_file_name(format!("{}.npz", case.id));
+    let mut probabilities =
+        if opts.save_probabilities { Some(export::ProbabilityWriter::new(&npz, classes)?) } else { None };
+    let mut failure: Option<Error> = None;
+    {
+        let labels = cropped_labels.as_slice_mut().expect("standard layout");
+        sliding::sliding_window_slabs(
+            &volume,
+            tile,
+            opts.step,
+            classes,
+            opts.tiles_per_batch,
+            |tiles| model.logits(tiles, opts.mirror),
+            |zr, slab| {
+                let host = Vec::<f32>::try_from(slab.to_device(Device::Cpu).contiguous().flatten(0, -1))
+                    .expect("float logits");
+                to_grid.push(&host, zr.len(), |oz, s| {
+                    export::argmax_into(s, classes, &mut labels[oz * plane..(oz + 1) * plane]);
+                    if let Some(p) = &mut probabilities {
+                        if let Err(e) = p.push(s) {
+                            failure.get_or_insert(e);
+                        }
+                    }
+                });
+            },
+        );
+    }
     drop(volume);
-    // Back to the original (cropped) grid, then into the full volume.
-    let back = resample_labels(&labels, cropped, sep);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    assert!(to_grid.done(), "every input slice resampled");
     let mut full = Array3::<u8>::zeros(shape);
-    full.slice_mut(crop).assign(&back);
+    full.slice_mut(crate::preprocessing::crop_slice(bbox)).assign(&cropped_labels);
+    drop(cropped_labels);
     if opts.largest_component {
         postprocess::keep_largest_components(&mut full);
     }
     crate::io::write_labels_like(out, full.view(), &geometry)?;
+    if let Some(p) = probabilities {
+        p.finish(&npz, shape, bbox)?;
+        write_properties(&out.with_file_name(format!("{}.pkl", case.id)), &geometry, spacing, bbox, cropped)?;
+    }
     Ok(CaseReport {
         image: case.images[0].clone(),
         output: out.to_path_buf(),
         seconds: start.elapsed().as_secs_f64(),
         network_shape: net_shape,
     })
+}
+
+/// nnU-Net's `CASE.pkl` beside the probabilities, as its `NibabelIOWithReorient`
+/// reader fills it: what `nnUNetv2_ensemble` needs to write a label map on the input's
+/// grid (affines as nested lists, which nibabel accepts).
+fn write_properties(
+    path: &Path,
+    geometry: &crate::io::Geometry,
+    spacing: [f64; 3],
+    bbox: [[usize; 2]; 3],
+    cropped: [usize; 3],
+) -> Result<()> {
+    use crate::interop::pickle::Value;
+    let matrix = |a: &crate::io::geometry::Affine| {
+        Value::List(a.iter().map(|row| Value::List(row.iter().map(|&v| Value::Float(v)).collect())).collect())
+    };
+    // The reoriented image's affine in nibabel's (i, j, k) = (x, y, z) voxel order.
+    let canonical = geometry.affine();
+    let mut reoriented = canonical;
+    for (r, row) in reoriented.iter_mut().enumerate() {
+        for (c, v) in row.iter_mut().take(3).enumerate() {
+            *v = canonical[r][2 - c];
+        }
+    }
+    let ints = |v: &[usize]| Value::List(v.iter().map(|&x| Value::Int(x as i64)).collect());
+    let props = Value::dict([
+        ("spacing", Value::List(spacing.iter().map(|&v| Value::Float(v)).collect())),
+        (
+            "nibabel_stuff",
+            Value::dict([
+                ("original_affine", matrix(&geometry.file_affine)),
+                ("reoriented_affine", matrix(&reoriented)),
+            ]),
+        ),
+        ("shape_before_cropping", ints(&geometry.shape())),
+        ("bbox_used_for_cropping", Value::List(bbox.iter().map(|b| ints(b)).collect())),
+        ("shape_after_cropping_and_before_resampling", ints(&cropped)),
+    ]);
+    crate::interop::pickle::write_pickle(path, &props)
 }
 
 #[cfg(test)]

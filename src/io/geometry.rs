@@ -5,11 +5,17 @@
 //! above 0, else the qform (with its qfac), else the bare pixdim scaling.
 //!
 //! Every volume is processed in one **canonical** array order, `[z][y][x]` in memory
-//! (x fastest), with x pointing to the patient's left, y posterior and z superior
-//! (ITK's LPS directions, the usual layout of axial CT slices). Patch sizes and
+//! (x fastest), with x pointing to the patient's right, y anterior and z superior:
+//! nibabel's closest canonical (RAS+) orientation, transposed to (z, y, x). That is
+//! exactly the array nnU-Net's `NibabelIOWithReorient` reader hands its networks, so a
+//! network trained here predicts correctly inside nnU-Net for any file orientation
+//! (its default `SimpleITKIO` keeps the file's voxel order instead). Patch sizes and
 //! spacings are always given in that (z, y, x) order, as nnU-Net does.
 
 use nifti::NiftiHeader;
+
+/// The canonical orientation's name (nibabel's axis codes of the canonical x, y, z).
+pub const CANONICAL: &str = "RAS";
 
 /// A 4×4 homogeneous matrix mapping voxel indices to world millimetres (RAS+).
 pub type Affine = [[f64; 4]; 4];
@@ -239,7 +245,7 @@ pub struct Orientation {
 impl Orientation {
     /// Maps each file axis to its dominant world axis (greedily, largest component
     /// first, as nibabel's `io_orientation` does) and chooses flips so that canonical
-    /// x points left, y posterior and z superior.
+    /// x points right, y anterior and z superior (RAS+).
     pub fn from_affine(a: &Affine) -> Orientation {
         let mut candidates = Vec::with_capacity(9);
         for file_axis in 0..3 {
@@ -260,9 +266,8 @@ impl Orientation {
             used_file[f] = true;
             used_world[w] = true;
             let canonical = 2 - w; // world x -> canonical x (index 2), world z -> canonical z (0)
-            let wanted_sign = if w == 2 { 1.0 } else { -1.0 }; // S+, and L (= -R), P (= -A)
             file_axis[canonical] = f;
-            flip[canonical] = a[w][f] * wanted_sign < 0.0;
+            flip[canonical] = a[w][f] < 0.0;
         }
         Orientation { file_axis, flip }
     }
@@ -333,9 +338,9 @@ mod tests {
         assert_eq!(axis_codes(&diag(-1.0, 1.0, 2.0)), "LAS");
         let ras = Orientation::from_affine(&diag(1.0, 1.0, 2.0));
         assert_eq!(ras.file_axis, [2, 1, 0]);
-        assert_eq!(ras.flip, [false, true, true]);
+        assert_eq!(ras.flip, [false, false, false]);
         let lps = Orientation::from_affine(&diag(-1.0, -1.0, 2.0));
-        assert_eq!(lps.flip, [false, false, false]);
+        assert_eq!(lps.flip, [false, true, true]);
     }
 
     #[test]
@@ -349,7 +354,7 @@ mod tests {
         assert_eq!(axis_codes(&a), "SLA");
         let o = Orientation::from_affine(&a);
         assert_eq!(o.file_axis, [0, 2, 1]);
-        assert_eq!(o.flip, [false, true, false]);
+        assert_eq!(o.flip, [false, false, true]);
     }
 
     #[test]

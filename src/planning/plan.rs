@@ -36,10 +36,21 @@ pub struct Normalization {
 }
 
 impl Normalization {
-    /// Normalises one CT value; the loader and the preprocessor share this.
+    /// The clipping nnU-Net's CT scheme applies before resampling (z-scoring is linear,
+    /// so it can follow later); other schemes do not clip.
     #[inline]
-    pub fn apply(&self, v: f32) -> f32 {
-        ((v as f64).clamp(self.clip_low, self.clip_high) - self.mean) as f32 / self.std.max(1e-8) as f32
+    pub fn clip(&self, v: f32) -> f32 {
+        if self.scheme == "CT" {
+            (v as f64).clamp(self.clip_low, self.clip_high) as f32
+        } else {
+            v
+        }
+    }
+
+    /// The z-score of an already clipped (and resampled) value.
+    #[inline]
+    pub fn standardize(&self, v: f32) -> f32 {
+        (v as f64 - self.mean) as f32 / self.std.max(1e-8) as f32
     }
 }
 
@@ -216,7 +227,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Shape after resampling from `spacing` to `target` (nnU-Net's `compute_new_shape`).
 pub fn resampled_shape(shape: &[usize], spacing: &[f64], target: &[f64]) -> Vec<usize> {
-    shape.iter().zip(spacing).zip(target).map(|((&n, &s), &t)| ((n as f64 * s / t).round() as usize).max(1)).collect()
+    // nnU-Net's compute_new_shape: spacing ratio times the size, Python's rounding.
+    shape
+        .iter()
+        .zip(spacing)
+        .zip(target)
+        .map(|((&n, &s), &t)| ((s / t * n as f64).round_ties_even() as usize).max(1))
+        .collect()
 }
 
 struct ConfigInputs<'a> {
@@ -591,6 +608,6 @@ mod tests {
         assert_eq!(p.normalization[0].scheme, "CT");
         assert_eq!(p.normalization[0].statistics, "all_voxels");
         let n = &p.normalization[0];
-        assert!((n.apply(5000.0) - ((n.clip_high - n.mean) / n.std) as f32).abs() < 1e-5);
+        assert!((n.standardize(n.clip(5000.0)) - ((n.clip_high - n.mean) / n.std) as f32).abs() < 1e-5);
     }
 }

@@ -1,10 +1,12 @@
 //! Preprocessing, as nnU-Net's `preprocessing/`: per case, reorient (reading does),
-//! crop to the nonzero box, resample to the plan's spacing, and write one shard
-//! holding the image (int16), the labels and per-class foreground locations.
+//! crop to the nonzero box, clip CT to the plan's percentiles, resample to the plan's
+//! spacing (cubic B-spline images, one-hot linear labels), and write one shard holding
+//! the image (int16), the labels and per-class foreground locations.
 //!
-//! Intensities are stored as they are (HU for CT); the plan's normalisation is
-//! applied by the loader, so a change of normalisation needs no re-preprocessing.
-//! Runs are resumable: a finished shard (written atomically) is skipped on a rerun.
+//! nnU-Net normalises (clip, then z-score) *before* resampling; z-scoring is linear, so
+//! clipping in HU, resampling and z-scoring in the loader computes the same values, and
+//! CT shards keep whole HU (rounding costs ≤ 0.5 HU). Runs are resumable: a finished
+//! shard (written atomically) is skipped on a rerun.
 
 pub mod resample;
 
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ndarray::{s, Array3};
+
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Case, RawDataset};
@@ -19,13 +22,19 @@ use crate::error::{Error, Result};
 use crate::io::{geometry, geometry::Affine};
 use crate::planning::fingerprint::nonzero_box;
 use crate::planning::plan::{Normalization, Plans};
-use resample::{resample_image, resample_labels, separate_axis};
+use resample::{compute_new_shape, resample_image, resample_labels, separate_axis};
 
 pub const MANIFEST: &str = "manifest.json";
+
+/// The shard layout this build writes and reads. 2: canonical RAS order, CT clipped
+/// before B-spline resampling. Older shards must be made again (`preprocess --overwrite`).
+pub const SHARD_VERSION: u32 = 2;
 
 /// What a shard's metadata records about its case (JSON in the shard).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CaseMeta {
+    /// [`SHARD_VERSION`]; absent (older shards) fails to parse, so they are redone.
+    pub version: u32,
     pub id: String,
     pub labeled: bool,
     pub images: Vec<PathBuf>,
@@ -59,6 +68,9 @@ pub struct ManifestCase {
 /// `manifest.json` in the shard folder: which shards make the training set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
+    /// [`SHARD_VERSION`] of the shards listed (1 when absent: made before the field).
+    #[serde(default = "first_version")]
+    pub version: u32,
     pub configuration: String,
     /// The configuration's target spacing ((z, y, x), or (y, x) for 2D).
     pub spacing: Vec<f64>,
@@ -68,10 +80,26 @@ pub struct Manifest {
     pub failed: Vec<FailedCase>,
 }
 
+fn first_version() -> u32 {
+    1
+}
+
 impl Manifest {
+    /// Reads a manifest; shards of an older layout are refused with what to do.
     pub fn read(path: &Path) -> Result<Manifest> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::json(path, e))
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::json(path, e))?;
+        if m.version != SHARD_VERSION {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "shards of layout version {} (this build reads {SHARD_VERSION}: canonical RAS order, CT clipped \
+                     before B-spline resampling); run `cps3d preprocess ... --overwrite` again",
+                    m.version
+                ),
+            ));
+        }
+        Ok(m)
     }
 }
 
@@ -157,20 +185,16 @@ pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Resul
         }
     }
     let bbox = nonzero_box(&channels);
-    let crop = s![bbox[0][0]..bbox[0][1], bbox[1][0]..bbox[1][1], bbox[2][0]..bbox[2][1]];
     let cropped_shape = [bbox[0][1] - bbox[0][0], bbox[1][1] - bbox[1][0], bbox[2][1] - bbox[2][0]];
     let spacing = geometry.spacing();
     let target = [if target[0].is_nan() { spacing[0] } else { target[0] }, target[1], target[2]];
-    let new_shape: [usize; 3] =
-        std::array::from_fn(|a| ((cropped_shape[a] as f64 * spacing[a] / target[a]).round() as usize).max(1));
+    let new_shape = compute_new_shape(cropped_shape, spacing, target);
     let sep = separate_axis(spacing, target, crate::planning::plan::ANISO_THRESHOLD);
-    let full = cropped_shape == geometry.shape();
-    // Without a crop the volumes move on as they are: no copy.
-    let image: Vec<Array3<f32>> = channels
-        .into_iter()
-        .map(|c| resample_image(if full { c } else { c.slice(crop).to_owned() }, new_shape, sep))
-        .collect();
-    let labels = labels.map(|l| resample_labels(&if full { l } else { l.slice(crop).to_owned() }, new_shape, sep));
+    let image = crop_clip_resample(channels, bbox, &plans.normalization, new_shape, sep);
+    let labels = labels.map(|l| {
+        let full = cropped_shape == geometry.shape();
+        resample_labels(&if full { l } else { l.slice(crop_slice(bbox)).to_owned() }, new_shape, sep)
+    });
 
     // Shard voxel o maps to raw canonical voxel crop_start + (o + 0.5)·n_in/n_out − 0.5.
     let mut to_raw = geometry::identity();
@@ -181,6 +205,7 @@ pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Resul
     }
     let affine = geometry::matmul(&geometry.affine(), &to_raw);
     let meta = CaseMeta {
+        version: SHARD_VERSION,
         id: case.id.clone(),
         labeled: case.is_labeled(),
         images: case.images.clone(),
@@ -197,6 +222,37 @@ pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Resul
         normalization: plans.normalization.clone(),
     };
     Ok(Preprocessed { meta, image, labels })
+}
+
+/// The slice of a crop box.
+pub fn crop_slice(
+    bbox: [[usize; 2]; 3],
+) -> ndarray::SliceInfo<[ndarray::SliceInfoElem; 3], ndarray::Ix3, ndarray::Ix3> {
+    s![bbox[0][0]..bbox[0][1], bbox[1][0]..bbox[1][1], bbox[2][0]..bbox[2][1]]
+}
+
+/// Per channel: the crop, CT clipped to the plan's percentiles, resampled to
+/// `new_shape` (nnU-Net's order; the z-score comes later). Preprocessing and inference
+/// share it, so a scan reaches the network the same way in both.
+pub fn crop_clip_resample(
+    channels: Vec<Array3<f32>>,
+    bbox: [[usize; 2]; 3],
+    norms: &[Normalization],
+    new_shape: [usize; 3],
+    sep: Option<usize>,
+) -> Vec<Array3<f32>> {
+    channels
+        .into_iter()
+        .enumerate()
+        .map(|(c, ch)| {
+            let full = (0..3).all(|a| bbox[a][0] == 0 && bbox[a][1] == ch.shape()[a]);
+            // Without a crop the volume moves on as it is: no copy.
+            let mut x = if full { ch } else { ch.slice(crop_slice(bbox)).to_owned() };
+            let n = &norms[c.min(norms.len() - 1)];
+            x.mapv_inplace(|v| n.clip(v));
+            resample_image(x, new_shape, sep)
+        })
+        .collect()
 }
 
 /// CT is stored in whole HU (rounding costs at most 0.5 HU, far below CT noise);
@@ -273,6 +329,8 @@ pub fn preprocess_dataset(
     mut on_case: impl FnMut(&str, bool),
 ) -> Result<PreprocessSummary> {
     let start = Instant::now();
+    // Absolute, so that shards name their raw files from anywhere (final validation).
+    let root = &std::fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
     let ds = RawDataset::open(root)?;
     if let Some(e) = ds.layout_problems.first() {
         return Err(Error::invalid(
@@ -331,6 +389,7 @@ pub fn preprocess_dataset(
     done.sort_by(|a, b| (!a.labeled, &a.id).cmp(&(!b.labeled, &b.id)));
     summary.failed.sort_by(|a, b| a.id.cmp(&b.id));
     let manifest = Manifest {
+        version: SHARD_VERSION,
         configuration: opts.configuration.clone(),
         spacing: plans.configurations[&opts.configuration].spacing.clone(),
         num_classes: plans.num_classes,

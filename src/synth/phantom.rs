@@ -2,7 +2,8 @@
 //! at their usual places and Hounsfield values, each case randomly deformed.
 //!
 //! Anatomy is laid out in millimetres in a patient frame centred on the body:
-//! X towards the patient's left, Y posterior, Z superior (origin near L1). Every
+//! X towards the patient's left, Y posterior, Z superior (origin near L1), then turned
+//! into the canonical RAS array order. Every
 //! organ is a smooth deformed ellipsoid, tube or torus segment; painting loops only
 //! over each organ's bounding box, so a case costs a few tens of ns per voxel.
 
@@ -388,11 +389,19 @@ pub fn generate(grid: PhantomGrid, rng: &mut impl Rng) -> Phantom {
         }
     }
 
+    // Painted in the patient frame (x left, y posterior); the canonical order is RAS.
+    let (image, labels) = (left_posterior_to_ras(image), left_posterior_to_ras(labels));
     let ras_layout = rng.random_bool(0.5);
     // Table position in scanner coordinates: anywhere within a few cm.
     let centre_ras = [rng.random_range(-20.0..20.0), rng.random_range(-40.0..40.0), rng.random_range(-800.0..-400.0)];
     let geometry = Geometry::new_with_layout(grid.shape, sp, centre_ras, ras_layout);
     Phantom { image, labels, geometry }
+}
+
+fn left_posterior_to_ras<T: Clone>(mut a: Array3<T>) -> Array3<T> {
+    a.invert_axis(ndarray::Axis(1));
+    a.invert_axis(ndarray::Axis(2));
+    a.as_standard_layout().into_owned()
 }
 
 /// Air, subcutaneous fat, the muscle wall, abdominal soft tissue and the spine.

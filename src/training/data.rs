@@ -93,6 +93,8 @@ pub fn datapath_config(shards: &Path, k: &DataKnobs) -> Result<DataPathConfig> {
     Ok(cfg)
 }
 
+/// The loader's normalisation of a shard channel: the z-score only, since CT shards are
+/// clipped before resampling (as nnU-Net, whose B-spline overshoot is not clipped again).
 pub fn normalize(n: &crate::planning::plan::Normalization) -> Normalize {
-    Normalize { clip_low: n.clip_low as f32, clip_high: n.clip_high as f32, mean: n.mean as f32, std: n.std as f32 }
+    Normalize { clip_low: f32::NEG_INFINITY, clip_high: f32::INFINITY, mean: n.mean as f32, std: n.std as f32 }
 }

@@ -191,4 +191,70 @@ mod tests {
         assert!(own.grad().defined() && own.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
         assert!(!sibling.grad().defined(), "no gradient flows into the sibling");
     }
+
+    /// The inputs of `scripts/reference/loss.py` (same formulas).
+    fn golden_logits(batch: i64, shape: [i64; 3], classes: i64, net: i64) -> Tensor {
+        let n = batch * classes * shape.iter().product::<i64>();
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                let i = i as f64;
+                (2.0 * (0.37 * i + 0.9 * net as f64).sin() + 0.5 * (0.05 * i * (net + 1) as f64).cos()) as f32
+            })
+            .collect();
+        Tensor::from_slice(&v).reshape([batch, classes, shape[0], shape[1], shape[2]])
+    }
+
+    fn golden_target(batch: i64, shape: [i64; 3], classes: i64) -> Tensor {
+        let mut v = Vec::new();
+        for b in 0..batch {
+            for z in 0..shape[0] {
+                for y in 0..shape[1] {
+                    for x in 0..shape[2] {
+                        v.push(if (x + y) % 5 == 0 { 0 } else { (z * 7 + y * 3 + x + 2 * b) % classes });
+                    }
+                }
+            }
+        }
+        Tensor::from_slice(&v).reshape([batch, shape[0], shape[1], shape[2]])
+    }
+
+    #[test]
+    fn dice_ce_with_deep_supervision_and_the_cps_sum_equal_nnunets_values() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/loss.json");
+        let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let classes = g["classes"].as_i64().unwrap();
+        let shapes: Vec<[i64; 3]> =
+            g["shapes"].as_array().unwrap().iter().map(|s| std::array::from_fn(|a| s[a].as_i64().unwrap())).collect();
+        for case in g["cases"].as_array().unwrap() {
+            let l = DiceCe { batch_dice: case["batch_dice"].as_bool().unwrap(), ..Default::default() };
+            let (bl, bu) = (case["labeled"].as_i64().unwrap(), case["unlabeled"].as_i64().unwrap());
+            let w = deep_supervision_weights(shapes.len());
+            for (a, b) in w.iter().zip(case["ds_weights"].as_array().unwrap()) {
+                assert!((a - b.as_f64().unwrap()).abs() < 1e-12);
+            }
+            let p: Vec<Vec<Tensor>> =
+                (0..2).map(|net| shapes.iter().map(|&s| golden_logits(bl + bu, s, classes, net)).collect()).collect();
+            let y: Vec<Tensor> = shapes.iter().map(|&s| golden_target(bl, s, classes)).collect();
+            let lambda = case["lambda"].as_f64().unwrap();
+            let mut ours_total = 0.0;
+            for net in 0..2 {
+                let labeled: Vec<Tensor> = p[net].iter().map(|o| o.narrow(0, 0, bl)).collect();
+                let sup = deep_supervised(&l, &labeled, &y).double_value(&[]);
+                let want = case["sup"][net].as_f64().unwrap();
+                assert!(
+                    (sup - want).abs() < 1e-5,
+                    "batch_dice {}: net {net} sup {sup} vs nnU-Net {want}",
+                    l.batch_dice
+                );
+                // The sibling's argmax over labeled and unlabeled samples together.
+                let cps = cps_term(&l, &p[net], &pseudo_labels(&p[1 - net])).double_value(&[]);
+                let want = case["cps"][net].as_f64().unwrap();
+                assert!((cps - want).abs() < 1e-5, "net {net} cps {cps} vs nnU-Net {want}");
+                ours_total += sup + lambda * cps;
+            }
+            // Each trainer's L_sup + λ·L_cps sums to the authors' single loss.
+            let authors = case["authors_total"].as_f64().unwrap();
+            assert!((ours_total - authors).abs() < 1e-5, "{ours_total} vs {authors}");
+        }
+    }
 }

@@ -9,3 +9,4 @@ pub mod run;
 pub mod sgd;
 pub mod splits;
 pub mod trainer;
+pub mod validation;

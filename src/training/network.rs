@@ -80,6 +80,7 @@ impl ConvTranspose {
 struct ConvBlock {
     conv: Conv,
     norm: nn::GroupNorm,
+    negative_slope: f64,
 }
 
 impl ConvBlock {
@@ -94,12 +95,18 @@ impl ConvBlock {
         let conv = Conv::new(&(vs / "conv"), cin, cout, kernel, stride, spec.conv_bias);
         let cfg = nn::GroupNormConfig { eps: spec.norm_eps, affine: spec.norm_affine, ..Default::default() };
         let norm = nn::group_norm(vs / "norm", cout as i64, cout as i64, cfg);
-        ConvBlock { conv, norm }
+        ConvBlock { conv, norm, negative_slope: spec.negative_slope }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
         use tch::nn::Module;
-        self.norm.forward(&self.conv.forward(x)).leaky_relu()
+        let h = self.norm.forward(&self.conv.forward(x));
+        if self.negative_slope == 0.01 {
+            // torch's default slope: the fused kernel.
+            h.leaky_relu()
+        } else {
+            h.relu() - (-&h).relu() * self.negative_slope
+        }
     }
 }
 

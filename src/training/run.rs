@@ -6,7 +6,13 @@
 //! RUN_DIR/log.jsonl            one line per epoch
 //! RUN_DIR/checkpoints/epoch_NNNN/{net0,net1}.safetensors, state.json
 //! RUN_DIR/latest.json, best.json, final.json   which checkpoint is which
+//! RUN_DIR/validation/          the held-out cases predicted whole and scored (end of training)
 //! ```
+//!
+//! Labeled cases are split as nnU-Net does: `SHARDS/splits_final.json` (5 folds of
+//! sklearn's `KFold(5, shuffle=True, random_state=12345)` over the sorted ids, made on
+//! first use) and `--fold 0..4`, or `--fold all` to train on every labeled case (then
+//! validated on the training cases, as nnU-Net).
 //!
 //! A checkpoint folder is written under a temporary name and renamed whole, and the
 //! pointer files are replaced atomically: a run killed at any moment leaves the
@@ -21,8 +27,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::data::{datapath_config, normalize, read_shard_folder, DataKnobs};
-use super::trainer::{start, start_pair, Command, EpochStats, Reply, TrainerHandle, TrainerSetup, ValidationPatch};
+use super::data::{datapath_config, read_shard_folder, DataKnobs};
+use super::trainer::{start, start_pair, Command, EpochStats, Reply, TrainerHandle, TrainerSetup};
 use crate::error::{Error, Result};
 use crate::planning::plan::{LambdaSchedule, LrSchedule, Plans};
 use cps3d_actors::datapath::DataPath;
@@ -37,10 +43,19 @@ pub struct TrainOptions {
     pub epochs: Option<usize>,
     pub iterations: Option<usize>,
     pub seed: u64,
-    /// Share of labeled cases held out for validation (at least one case when
-    /// there are two or more labeled cases).
-    pub val_fraction: f64,
-    pub val_patches_per_case: usize,
+    /// nnU-Net's fold: "0".."4" (splits_final.json) or "all".
+    #[serde(default = "default_fold")]
+    pub fold: String,
+    /// Batches of held-out patches per epoch for the pseudo-Dice (nnU-Net: 50).
+    #[serde(default = "default_val_iterations")]
+    pub val_iterations: usize,
+    /// At the end, predict every held-out case whole and score it (nnU-Net's
+    /// `perform_actual_validation`).
+    #[serde(default = "default_true")]
+    pub final_validation: bool,
+    /// Mirroring in that validation (nnU-Net: on).
+    #[serde(default = "default_true")]
+    pub val_mirror: bool,
     pub loaders: usize,
     pub augmenters: usize,
     pub batchers: usize,
@@ -58,8 +73,10 @@ impl Default for TrainOptions {
             epochs: None,
             iterations: None,
             seed: 0,
-            val_fraction: 0.2,
-            val_patches_per_case: 4,
+            fold: default_fold(),
+            val_iterations: default_val_iterations(),
+            final_validation: true,
+            val_mirror: true,
             loaders: 1,
             augmenters: 1,
             batchers: 1,
@@ -67,6 +84,18 @@ impl Default for TrainOptions {
             patch: None,
         }
     }
+}
+
+fn default_fold() -> String {
+    "0".into()
+}
+
+fn default_val_iterations() -> usize {
+    50
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Two GPUs if present, else both trainers on one GPU, else the CPU.
@@ -135,67 +164,26 @@ fn lambda_at(plans: &Plans, epoch: usize) -> f64 {
     }
 }
 
-fn split_cases(plans_cases: &[crate::preprocessing::ManifestCase], fraction: f64) -> (Vec<String>, Vec<String>) {
-    let mut labeled: Vec<&String> = plans_cases.iter().filter(|c| c.labeled).map(|c| &c.id).collect();
-    labeled.sort();
-    if labeled.len() < 2 {
-        tracing::warn!("only {} labeled case(s): validating on training data", labeled.len());
-        return (labeled.iter().map(|s| s.to_string()).collect(), labeled.iter().map(|s| s.to_string()).collect());
-    }
-    let n_val = ((labeled.len() as f64 * fraction).round() as usize).clamp(1, labeled.len() - 1);
-    let step = labeled.len() as f64 / n_val as f64;
-    let val: Vec<String> = (0..n_val).map(|i| labeled[(i as f64 * step) as usize].clone()).collect();
-    let train = labeled.iter().filter(|c| !val.contains(c)).map(|s| s.to_string()).collect();
-    (train, val)
-}
-
-/// Fixed validation patches: centred on stored foreground locations, spread over
-/// the classes, normalised like training data, no augmentation.
-fn validation_patches(
+/// The (training, validation) labeled case ids of `fold`, as nnU-Net's `do_split`.
+pub fn split_for_fold(
     shards: &Path,
-    ids: &[String],
-    patch: [usize; 3],
-    per_case: usize,
-    plans: &Plans,
     manifest: &crate::preprocessing::Manifest,
-) -> Result<Vec<ValidationPatch>> {
-    let norms: Vec<_> = manifest.normalization.iter().map(normalize).collect();
-    let mut out = Vec::new();
-    let mut scratch = cps3d_storage::Scratch::new();
-    for id in ids {
-        let c = manifest.cases.iter().find(|c| &c.id == id).expect("listed case");
-        let path = shards.join(&c.shard);
-        let shard = cps3d_storage::Shard::open(&path).map_err(|e| Error::invalid(&path, e.to_string()))?;
-        let shape = shard.shape();
-        let classes: Vec<u8> = shard.classes().iter().filter(|c| c.sampled > 0).map(|c| c.class).collect();
-        for k in 0..per_case.max(1) {
-            let centre: [usize; 3] = if classes.is_empty() {
-                std::array::from_fn(|a| shape[a] / 2)
-            } else {
-                let locs = shard.class_locations(classes[k % classes.len()]);
-                locs.get((k * 7919) % locs.len()).unwrap_or([0; 3])
-            };
-            let origin: [i64; 3] = std::array::from_fn(|a| centre[a] as i64 - (patch[a] / 2) as i64);
-            let n: usize = patch.iter().product();
-            let ch = plans.channels.len();
-            let mut image = vec![0f32; n * ch];
-            shard
-                .read_image_region_f32(&mut scratch, origin, patch, f32::NAN, &mut image)
-                .map_err(|e| Error::invalid(&path, e.to_string()))?;
-            for (c, norm) in norms.iter().enumerate() {
-                for v in &mut image[c * n..(c + 1) * n] {
-                    *v = if v.is_nan() { 0.0 } else { norm.apply(*v) };
-                }
-            }
-            let mut labels = vec![0u8; n];
-            // Outside the scan: background, as the trainers see it after augmentation.
-            shard
-                .read_label_region(&mut scratch, origin, patch, 0, &mut labels)
-                .map_err(|e| Error::invalid(&path, e.to_string()))?;
-            out.push(ValidationPatch { shape: patch, channels: ch, image, labels });
-        }
+    fold: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut ids: Vec<String> = manifest.cases.iter().filter(|c| c.labeled).map(|c| c.id.clone()).collect();
+    ids.sort();
+    if fold == "all" {
+        return Ok((ids.clone(), ids));
     }
-    Ok(out)
+    let k: usize = fold.parse().map_err(|_| {
+        Error::invalid("--fold", format!("\"{fold}\" is neither a fold number (0, 1, ...) nor \"all\""))
+    })?;
+    let path = shards.join(super::splits::SPLITS_FILE);
+    let splits = super::splits::read_or_create_splits(&path, &ids)?;
+    let split = splits.get(k).ok_or_else(|| {
+        Error::invalid(&path, format!("has {} fold(s); fold {k} asked for (or use --fold all)", splits.len()))
+    })?;
+    Ok((split.train.clone(), split.val.clone()))
 }
 
 fn dice_per_class(counts: &[[u64; 3]]) -> Vec<f64> {
@@ -252,11 +240,22 @@ pub fn train(
     let mut spec = conf.network.clone();
     spec.input_channels = plans.channels.len();
     let patch = opts.patch.unwrap_or([conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]]);
+    if plans.cps.optimizer.kind != "sgd" {
+        return Err(Error::invalid(
+            opts.shards.join("plans.json"),
+            format!(
+                "optimizer \"{}\": only \"sgd\" (Nesterov SGD, the paper's) is implemented",
+                plans.cps.optimizer.kind
+            ),
+        ));
+    }
+    let (train_ids, val_ids) = split_for_fold(&opts.shards, &manifest, &opts.fold)?;
+    if train_ids.is_empty() {
+        return Err(Error::invalid(&opts.shards, "no labeled case to train on"));
+    }
     crate::util::write_json_atomic(&run.join("plans.json"), &plans)?;
     crate::util::write_json_atomic(&run.join("train.json"), opts)?;
-    let (train_ids, val_ids) = split_cases(&manifest.cases, opts.val_fraction);
-    let val =
-        Arc::new(validation_patches(&opts.shards, &val_ids, patch, opts.val_patches_per_case, &plans, &manifest)?);
+    tracing::info!("fold {}: {} training and {} validation case(s)", opts.fold, train_ids.len(), val_ids.len());
 
     let devices: Vec<Device> = opts.devices.iter().map(|d| parse_device(d)).collect::<Result<_>>()?;
     let setup = |index: usize, device: Device| TrainerSetup {
@@ -269,6 +268,7 @@ pub fn train(
         weight_decay: plans.cps.optimizer.weight_decay,
         grad_clip: plans.cps.grad_clip_norm,
         batch_dice: conf.batch_dice,
+        mixed_precision: plans.cps.mixed_precision,
         exchange: None,
         steps_done: if index == 0 { steps_done.clone() } else { None },
     };
@@ -354,12 +354,7 @@ pub fn train(
         if let Some(e) = failure {
             return Err(Error::invalid(run, format!("epoch {epoch}: {e}")));
         }
-        let mut dice = Vec::new();
-        for t in &trainers {
-            if let Reply::Validated(c) = ask(t, Command::Validate { patches: val.clone() })? {
-                dice.push(dice_per_class(&c));
-            }
-        }
+        let dice = validate_epoch(&trainers, &opts.shards, &val_ids, &knobs, opts.val_iterations, epoch)?;
         let mean = mean_finite(&dice.iter().map(|d| mean_finite(d)).collect::<Vec<_>>());
         state.ema = if epoch == 0 { mean } else { 0.9 * state.ema + 0.1 * mean };
         if let LrSchedule::Plateau { factor, patience, min_lr } = plans.cps.lr_schedule {
@@ -406,7 +401,57 @@ pub fn train(
         drop(t.commands);
         let _ = t.thread.join();
     }
+    if opts.final_validation && !val_ids.is_empty() && run.join("final.json").exists() {
+        super::validation::run_final_validation(opts, &manifest, &val_ids)?;
+    }
     Ok(logs)
+}
+
+/// nnU-Net's online validation: `iterations` batches of held-out patches (sampled as
+/// its validation loader does: random cases, the same foreground oversampling, no
+/// augmentation), every trainer predicting the same batches; per network the Dice of
+/// each class from (tp, fp, fn) summed over all of them (NaN where a class never
+/// appears).
+fn validate_epoch(
+    trainers: &[TrainerHandle],
+    shards: &Path,
+    val_ids: &[String],
+    knobs: &DataKnobs,
+    iterations: usize,
+    epoch: usize,
+) -> Result<Vec<Vec<f64>>> {
+    if val_ids.is_empty() || iterations == 0 {
+        return Ok(vec![Vec::new(); trainers.len()]);
+    }
+    let mut k = knobs.clone();
+    k.no_augment = true;
+    k.unlabeled = Some(0);
+    k.seed = knobs.seed ^ 0x5EED_0000_0000_0000 ^ epoch as u64;
+    let mut cfg = datapath_config(shards, &k)?;
+    cfg.labeled.retain(|c| val_ids.contains(&c.id));
+    cfg.unlabeled.clear();
+    let mut dp = DataPath::start(cfg).map_err(|e| Error::invalid(shards, e))?;
+    // Both trainers consume the same batches at once: asking one after the other would
+    // fill the other's queue and stall the data path.
+    for (i, t) in trainers.iter().enumerate() {
+        t.commands
+            .send(Command::Validate { count: iterations, batches: dp.consumer(i) })
+            .map_err(|_| Error::invalid("trainer", "the trainer thread is gone"))?;
+    }
+    let mut dice = Vec::new();
+    let mut failure = None;
+    for t in trainers {
+        match t.replies.recv() {
+            Ok(Reply::Validated(c)) => dice.push(dice_per_class(&c)),
+            Ok(Reply::Failed(e)) => failure = Some(e),
+            _ => failure = Some("a trainer thread stopped".into()),
+        }
+    }
+    dp.stop();
+    match failure {
+        Some(e) => Err(Error::invalid("validation", format!("epoch {epoch}: {e}"))),
+        None => Ok(dice),
+    }
 }
 
 /// Every epoch logged so far (a resumed run continues the same log).

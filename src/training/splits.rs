@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 /// The seed and fold count nnU-Net uses for `splits_final.json`.
 pub const NNUNET_SEED: u32 = 12345;
 pub const NNUNET_FOLDS: usize = 5;
+/// Where nnU-Net keeps the split: beside the preprocessed data.
+pub const SPLITS_FILE: &str = "splits_final.json";
 
 const N: usize = 624;
 const M: usize = 397;

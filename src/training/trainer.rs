@@ -19,8 +19,9 @@ use cps3d_actors::datapath::Batch;
 pub enum Command {
     /// Train on `steps` batches from `batches` with this learning rate and λ.
     Train { steps: usize, lr: f64, lambda: f64, batches: Receiver<Arc<Batch>> },
-    /// Predict validation patches and return per-class (tp, fp, fn).
-    Validate { patches: Arc<Vec<ValidationPatch>> },
+    /// Predict `count` validation batches (labeled samples only) and return the
+    /// per-class (tp, fp, fn) summed over them, as nnU-Net's online validation.
+    Validate { count: usize, batches: Receiver<Arc<Batch>> },
     /// Write the network and optimizer state to this file (safetensors).
     Save { path: std::path::PathBuf },
     /// Replace the state with that of this file.
@@ -51,14 +52,6 @@ pub struct EpochStats {
     pub grad_norm: f64,
     /// Steps skipped because fp16 gradients overflowed (CUDA only).
     pub skipped_steps: usize,
-}
-
-/// A labeled patch for validation: image `[C][z][y][x]` (normalised) and labels.
-pub struct ValidationPatch {
-    pub shape: [usize; 3],
-    pub channels: usize,
-    pub image: Vec<f32>,
-    pub labels: Vec<u8>,
 }
 
 pub struct TrainerHandle {
@@ -100,6 +93,8 @@ pub struct TrainerSetup {
     pub weight_decay: f64,
     pub grad_clip: f64,
     pub batch_dice: bool,
+    /// fp16 autocast with loss scaling on CUDA (the plan's `cps.mixed_precision`).
+    pub mixed_precision: bool,
     pub exchange: Option<Exchange>,
     /// Incremented after every step (progress bars).
     pub steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
@@ -161,7 +156,7 @@ impl TrainerState {
     fn handle(&mut self, cmd: Command) -> Reply {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cmd {
             Command::Train { steps, lr, lambda, batches } => self.train(steps, lr, lambda, &batches),
-            Command::Validate { patches } => Ok(Reply::Validated(self.validate(&patches))),
+            Command::Validate { count, batches } => self.validate(count, &batches).map(Reply::Validated),
             Command::Save { path } => self.save(&path).map(|_| Reply::Saved),
             Command::Load { path } => self.load(&path).map(|_| Reply::Loaded),
             Command::Parameters => Ok(Reply::Parameters(self.flat_parameters())),
@@ -193,8 +188,8 @@ impl TrainerState {
             let n = batch.samples() as i64;
             let bl = batch.labeled as i64;
             let input = Tensor::from_slice(&batch.image).reshape([n, batch.channels as i64, z, y, x]).to_device(dev);
-            let outputs =
-                if dev.is_cuda() { tch::autocast(true, || self.net.forward(&input)) } else { self.net.forward(&input) };
+            let amp = dev.is_cuda() && self.setup.mixed_precision;
+            let outputs = if amp { tch::autocast(true, || self.net.forward(&input)) } else { self.net.forward(&input) };
             let outputs: Vec<Tensor> = outputs.into_iter().map(|o| o.to_kind(Kind::Float)).collect();
             // Targets of the labeled samples at each output scale.
             let mut targets = vec![tensor_u8(&batch.labels, &[bl, z, y, x], dev)];
@@ -226,7 +221,7 @@ impl TrainerState {
             };
             zero_grad(&self.vs);
             // fp16 on CUDA: scaled loss, unscaled gradients, overflowed steps skipped.
-            let (norm, stepped) = if dev.is_cuda() {
+            let (norm, stepped) = if amp {
                 (&total_loss * self.scaler.scale).backward();
                 let ok = self.scaler.unscale(&self.vs);
                 let norm = if ok { clip_grad_norm(&self.vs, self.setup.grad_clip) } else { f64::NAN };
@@ -262,17 +257,28 @@ impl TrainerState {
         Ok(Reply::Trained(stats))
     }
 
-    fn validate(&self, patches: &[ValidationPatch]) -> Vec<[u64; 3]> {
+    fn validate(&self, count: usize, batches: &Receiver<Arc<Batch>>) -> Result<Vec<[u64; 3]>, String> {
         let classes = self.setup.spec.num_classes;
         let mut counts = vec![[0u64; 3]; classes];
         tch::no_grad(|| {
-            for p in patches {
-                let [z, y, x] = p.shape.map(|v| v as i64);
-                let input =
-                    Tensor::from_slice(&p.image).reshape([1, p.channels as i64, z, y, x]).to_device(self.setup.device);
-                let pred = self.net.forward(&input)[0].argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu);
+            for _ in 0..count {
+                let batch = batches
+                    .recv_timeout(Duration::from_secs(600))
+                    .map_err(|_| "no validation batch from the data path in 600 s".to_string())?;
+                let [z, y, x] = batch.patch.map(|v| v as i64);
+                let n = batch.labeled as i64;
+                let pn = (z * y * x) as usize;
+                let input = Tensor::from_slice(&batch.image[..batch.labeled * batch.channels * pn])
+                    .reshape([n, batch.channels as i64, z, y, x])
+                    .to_device(self.setup.device);
+                let out = if self.setup.device.is_cuda() && self.setup.mixed_precision {
+                    tch::autocast(true, || self.net.forward(&input))
+                } else {
+                    self.net.forward(&input)
+                };
+                let pred = out[0].argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu);
                 let pred: Vec<u8> = Vec::try_from(pred.flatten(0, -1)).unwrap_or_default();
-                for (&a, &b) in pred.iter().zip(&p.labels) {
+                for (&a, &b) in pred.iter().zip(&batch.labels) {
                     let (a, b) = (a as usize, b as usize);
                     if a == b {
                         counts[a][0] += 1;
@@ -286,8 +292,8 @@ impl TrainerState {
                     }
                 }
             }
-        });
-        counts
+            Ok(counts)
+        })
     }
 
     fn named_state(&self) -> Vec<(String, Tensor)> {
