@@ -67,6 +67,48 @@ fn predictions_land_on_the_input_grid_and_bad_files_are_skipped() {
         }
         assert!(!layouts.is_empty());
     }
+    // Runs ensemble: the same run twice averages identical logits (the labels of one run);
+    // a run of another plan is refused.
+    let twice = t.join("twice");
+    let o = run(&[
+        "predict",
+        "-i",
+        inputs.join("phantom_0000_0000.nii.gz").to_str().unwrap(),
+        "-o",
+        twice.to_str().unwrap(),
+        "-m",
+        rd.to_str().unwrap(),
+        "-m",
+        rd.to_str().unwrap(),
+        "--checkpoint",
+        "final",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let a = cps3d::io::read_labels(&twice.join("phantom_0000.nii.gz")).unwrap();
+    let b = cps3d::io::read_labels(&t.join("plain/phantom_0000.nii.gz")).unwrap();
+    assert_eq!(a.data, b.data);
+    let other = t.join("other_plan");
+    let o = run(&["export", rd.to_str().unwrap(), "--checkpoint", "final", "-o", other.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut plans: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(other.join("plans.json")).unwrap()).unwrap();
+    plans["configurations"]["3d_fullres"]["patch_size"] = serde_json::json!([8, 16, 16]);
+    std::fs::write(other.join("plans.json"), plans.to_string()).unwrap();
+    let o = run(&[
+        "predict",
+        "-i",
+        inputs.to_str().unwrap(),
+        "-o",
+        t.join("mixed").to_str().unwrap(),
+        "-m",
+        rd.to_str().unwrap(),
+        "-m",
+        other.to_str().unwrap(),
+        "--checkpoint",
+        "final",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("must come from one plan"), "{}", stderr(&o));
     // A truncated input is reported; the others are still written.
     let bad_dir = t.join("with_bad");
     std::fs::create_dir_all(&bad_dir).unwrap();

@@ -236,4 +236,29 @@ fn folds_follow_splits_final_json_and_the_held_out_case_is_validated_whole() {
     assert_eq!((train_ids, val_ids), (splits[3].train.clone(), splits[3].val.clone()));
     let e = cps3d::training::run::split_for_fold(&shards, &manifest, "7").unwrap_err().to_string();
     assert!(e.contains("splits_final.json") && e.contains("fold 7"), "{e}");
+    // The final validation reads the raw scans: gone, it says which file and why.
+    std::fs::rename(tmp.path().join("raw"), tmp.path().join("moved")).unwrap();
+    let opts = TrainOptions { run_dir: run_dir.clone(), ..options(&shards, &run_dir, 1, 2) };
+    let e =
+        cps3d::training::validation::run_final_validation(&opts, &manifest, &splits[0].val).unwrap_err().to_string();
+    assert!(e.contains(&format!("{}_0000.nii.gz", splits[0].val[0])) && e.contains("is gone"), "{e}");
+}
+
+#[test]
+fn plan_settings_that_cannot_be_honoured_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tiny_shards(tmp.path());
+    let path = shards.join("plans.json");
+    let mut plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    plans["cps"]["optimizer"]["kind"] = "adam".into();
+    std::fs::write(&path, plans.to_string()).unwrap();
+    let e = train(&options(&shards, &tmp.path().join("run"), 1, 1), false, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("plans.json") && e.contains("adam") && e.contains("sgd"), "{e}");
+    // Shards of an older layout (no version in the manifest) are refused with what to do.
+    let manifest = shards.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m.as_object_mut().unwrap().remove("version");
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let e = cps3d::preprocessing::Manifest::read(&manifest).unwrap_err().to_string();
+    assert!(e.contains("manifest.json") && e.contains("--overwrite"), "{e}");
 }

@@ -122,7 +122,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 batchers: a.batchers,
                 no_augment: a.no_augment,
                 patch: a.patch.map(|p| p.0),
-                ..Default::default()
             };
             (opts, false)
         }

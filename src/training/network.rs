@@ -100,13 +100,17 @@ impl ConvBlock {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         use tch::nn::Module;
-        let h = self.norm.forward(&self.conv.forward(x));
-        if self.negative_slope == 0.01 {
-            // torch's default slope: the fused kernel.
-            h.leaky_relu()
-        } else {
-            h.relu() - (-&h).relu() * self.negative_slope
-        }
+        leaky_relu(&self.norm.forward(&self.conv.forward(x)), self.negative_slope)
+    }
+}
+
+/// LeakyReLU with the plan's slope (tch exposes only torch's default, 0.01).
+fn leaky_relu(h: &Tensor, negative_slope: f64) -> Tensor {
+    if negative_slope == 0.01 {
+        // torch's default slope: the fused kernel.
+        h.leaky_relu()
+    } else {
+        h.relu() - (-h).relu() * negative_slope
     }
 }
 
@@ -216,6 +220,30 @@ mod tests {
             assert_eq!(count_parameters(&vs), want);
             assert_eq!(s.parameter_count, want, "the plan's count agrees with tch's");
         }
+    }
+
+    #[test]
+    fn the_plans_negative_slope_is_used() {
+        let x = Tensor::from_slice(&[-2.0f32, -0.5, 0.0, 1.5]);
+        let default: Vec<f32> = Vec::try_from(leaky_relu(&x, 0.01)).unwrap();
+        assert_eq!(default, vec![-0.02, -0.005, 0.0, 1.5]);
+        let steep: Vec<f32> = Vec::try_from(leaky_relu(&x, 0.3)).unwrap();
+        for (a, b) in steep.iter().zip([-0.6f32, -0.15, 0.0, 1.5]) {
+            assert!((a - b).abs() < 1e-6, "{steep:?}");
+        }
+        // And reaches the network: the same weights, another slope, other outputs.
+        let mut s = spec(&[1.0; 3], &[8, 16, 16], 16, 3);
+        let out = |s: &NetworkSpec| {
+            tch::manual_seed(3);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = UNet::new(&vs.root(), s);
+            tch::manual_seed(4);
+            net.forward(&Tensor::randn([1, 1, 8, 16, 16], (Kind::Float, Device::Cpu))).remove(0)
+        };
+        let a = out(&s);
+        s.negative_slope = 0.3;
+        let b = out(&s);
+        assert!((a - b).abs().max().double_value(&[]) > 1e-3);
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub(crate) fn foreground_voxel(shard: &Shard, rng: &mut impl Rng) -> Option<[usi
     }
     let class = classes[rng.random_range(0..classes.len())];
     let locs = shard.class_locations(class);
-    if locs.len() == 0 {
+    if locs.is_empty() {
         return None;
     }
     locs.get(rng.random_range(0..locs.len()))

@@ -91,9 +91,9 @@ fn the_last_labeled_sample_of_every_batch_is_centred_on_foreground_as_in_nnunet(
         for _ in 0..120 {
             let b = dp.next(0, Duration::from_secs(30)).unwrap();
             assert_eq!(b.forced_foreground, want, "{loaders} loaders, {augmenters} augmenters");
-            for s in 0..b.labeled {
+            for (s, &forced) in want.iter().enumerate() {
                 let has_fg = b.labels[s * pn..(s + 1) * pn].contains(&1);
-                if want[s] {
+                if forced {
                     assert!(has_fg, "a forced sample holds foreground");
                 } else {
                     random += 1;
