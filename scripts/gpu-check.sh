@@ -29,7 +29,7 @@ smi=$!
 trap 'kill $smi 2>/dev/null || true' EXIT
 devices="cuda:0,cuda:0"
 [[ "$(nvidia-smi -L | wc -l)" -ge 2 ]] && devices="cuda:0,cuda:1"
-"$bin" train shards -o run --epochs 1 --iterations "$STEPS" --devices "$devices" --loaders 4 --augmenters 4 --val-fraction 0.25
+"$bin" train shards -o run --epochs 1 --iterations "$STEPS" --devices "$devices" --loaders 4 --augmenters 4 --fold all --val-iterations 5 --no-final-validation
 kill $smi 2>/dev/null || true
 python3 - <<'PY'
 import json

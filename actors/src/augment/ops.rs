@@ -159,6 +159,10 @@ fn mean_std_of(s: f64, s2: f64, n: usize) -> (f64, f64) {
 /// Scales the distance from the mean by `factor`, then clips to the original range.
 pub fn contrast(x: &mut [f32], factor: f32) {
     let (mean, lo, hi) = mean_min_max(x);
+    if lo > hi {
+        // No finite value to take a range from (all NaN): nothing to scale.
+        return;
+    }
     let mean = mean as f32;
     for v in x {
         *v = ((*v - mean) * factor + mean).clamp(lo, hi);

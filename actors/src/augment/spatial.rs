@@ -146,7 +146,8 @@ fn transform_impl<const LABELS: bool>(
                                 }
                             }
                             if LABELS {
-                                ldst[o] = one_hot_label(lsrc, [iz, iy, ix], [tz, ty, tx], lim, [sz, sy], ignore);
+                                ldst[o] =
+                                    one_hot_label(lsrc, [iz, iy, ix], [tz, ty, tx], lim, [sz, sy], ignore, all_inside);
                             }
                             p[0] += step[0];
                             p[1] += step[1];
@@ -159,9 +160,19 @@ fn transform_impl<const LABELS: bool>(
     }
 }
 
-/// The label of one output voxel from its 8 trilinear neighbours (see the module doc).
+/// The label of one output voxel from its 8 trilinear neighbours (see the module doc);
+/// `all_inside`: every neighbour lies in the source (the common case, read directly).
 #[inline]
-fn one_hot_label(src: &[u8], i: [i32; 3], t: [f32; 3], lim: [i32; 3], strides: [usize; 2], ignore: u8) -> u8 {
+#[allow(clippy::too_many_arguments)]
+fn one_hot_label(
+    src: &[u8],
+    i: [i32; 3],
+    t: [f32; 3],
+    lim: [i32; 3],
+    strides: [usize; 2],
+    ignore: u8,
+    all_inside: bool,
+) -> u8 {
     let at = |q: [i32; 3]| -> u8 {
         if (0..3).all(|a| (q[a] as u32) < lim[a] as u32) {
             src[q[0] as usize * strides[0] + q[1] as usize * strides[1] + q[2] as usize]
@@ -169,21 +180,26 @@ fn one_hot_label(src: &[u8], i: [i32; 3], t: [f32; 3], lim: [i32; 3], strides: [
             ignore
         }
     };
-    // grid_sample's corner order (z, then y, then x) and weights (x · y · z).
-    let mut labels = [0u8; 8];
-    let mut weights = [0f32; 8];
-    let mut k = 0;
-    for (dz, wz) in [(0i32, 1.0 - t[0]), (1, t[0])] {
-        for (dy, wy) in [(0i32, 1.0 - t[1]), (1, t[1])] {
-            for (dx, wx) in [(0i32, 1.0 - t[2]), (1, t[2])] {
-                labels[k] = at([i[0] + dz, i[1] + dy, i[2] + dx]);
-                weights[k] = wx * wy * wz;
-                k += 1;
-            }
-        }
-    }
+    // grid_sample's corner order: z, then y, then x.
+    let labels: [u8; 8] = if all_inside {
+        let b = i[0] as usize * strides[0] + i[1] as usize * strides[1] + i[2] as usize;
+        let (sz, sy) = (strides[0], strides[1]);
+        let s = &src[b..b + sz + sy + 2];
+        [s[0], s[1], s[sy], s[sy + 1], s[sz], s[sz + 1], s[sz + sy], s[sz + sy + 1]]
+    } else {
+        std::array::from_fn(|k| at([i[0] + (k >> 2) as i32, i[1] + ((k >> 1) & 1) as i32, i[2] + (k & 1) as i32]))
+    };
+    // Most voxels lie inside one structure: the label needs no scores.
     if labels.iter().all(|&l| l == labels[0]) {
         return labels[0];
+    }
+    // grid_sample's weights, x · y · z.
+    let mut weights = [0f32; 8];
+    for (k, w) in weights.iter_mut().enumerate() {
+        let wz = if k >> 2 == 1 { t[0] } else { 1.0 - t[0] };
+        let wy = if (k >> 1) & 1 == 1 { t[1] } else { 1.0 - t[1] };
+        let wx = if k & 1 == 1 { t[2] } else { 1.0 - t[2] };
+        *w = wx * wy * wz;
     }
     // Score of each label present among the corners, float16 as theirs.
     let mut seen = [0u8; 8];

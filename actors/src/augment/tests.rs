@@ -360,3 +360,10 @@ fn the_source_box_is_enough_for_the_draw() {
     }
     assert!(smaller > 150, "{smaller}");
 }
+
+#[test]
+fn contrast_of_a_patch_without_finite_values_leaves_it_alone() {
+    let mut x = vec![f32::NAN; 8];
+    ops::contrast(&mut x, 1.2);
+    assert!(x.iter().all(|v| v.is_nan()));
+}
