@@ -87,6 +87,25 @@ fn predictions_land_on_the_input_grid_and_bad_files_are_skipped() {
     let a = cps3d::io::read_labels(&twice.join("phantom_0000.nii.gz")).unwrap();
     let b = cps3d::io::read_labels(&t.join("plain/phantom_0000.nii.gz")).unwrap();
     assert_eq!(a.data, b.data);
+    // nnU-Net's probability outputs, with the dataset.json and plans.json its ensembling reads.
+    let probs = t.join("probs");
+    let o = run(&[
+        "predict",
+        "-i",
+        inputs.join("phantom_0000_0000.nii.gz").to_str().unwrap(),
+        "-o",
+        probs.to_str().unwrap(),
+        "-m",
+        rd.to_str().unwrap(),
+        "--checkpoint",
+        "final",
+        "--save-probabilities",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let mut names: Vec<String> =
+        std::fs::read_dir(&probs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["dataset.json", "phantom_0000.nii.gz", "phantom_0000.npz", "phantom_0000.pkl", "plans.json"]);
     let other = t.join("other_plan");
     let o = run(&["export", rd.to_str().unwrap(), "--checkpoint", "final", "-o", other.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -284,6 +284,13 @@ fn a_killed_run_resumes_and_every_shard_is_valid() {
     assert!(leftovers.is_empty(), "temporary files of the killed run remain: {leftovers:?}");
     assert!(results.iter().all(|(_, r)| r.is_ok()));
     assert_eq!(Manifest::read(&out.join("manifest.json")).unwrap().cases.len(), 16);
+    // Shards hold clipped HU: another clipping in the plan makes every case again.
+    let mut reclipped = plans.clone();
+    reclipped.normalization[0].clip_high -= 10.0;
+    let summary =
+        preprocess_dataset(&d, &reclipped, &out, &PreprocessOptions { workers: 2, ..Default::default() }, |_, _| {})
+            .unwrap();
+    assert_eq!((summary.written, summary.skipped_existing), (16, 0));
 }
 
 #[test]

@@ -104,6 +104,13 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let model = Model::load_many(&a.model, &opts.checkpoint, device, opts.ensemble)
         .with_context(|| format!("loading {}", names.join(", ")))?;
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    if a.save_probabilities {
+        // nnUNetv2_ensemble reads these two from every folder it combines, as nnU-Net's
+        // predictor leaves them beside its outputs.
+        use cps3d::interop::nnunet::{nnunet_dataset_json, nnunet_plans};
+        cps3d::util::write_json_atomic(&a.out.join("dataset.json"), &nnunet_dataset_json(&model.plans))?;
+        cps3d::util::write_json_atomic(&a.out.join("plans.json"), &nnunet_plans(&model.plans)?)?;
+    }
     let cases = cases(&a.input)?;
     if cases.is_empty() {
         bail!("{}: no .nii or .nii.gz images", a.input.display());

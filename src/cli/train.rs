@@ -172,7 +172,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let logs = result.with_context(|| format!("training into {}", opts.run_dir.display()))?;
     println!("{} epoch(s) trained; logs and checkpoints in {}", logs.len(), opts.run_dir.display());
     let validation = opts.run_dir.join("validation/summary.json");
-    if let Ok(text) = std::fs::read_to_string(&validation) {
+    let text = if opts.final_validation { std::fs::read_to_string(&validation).ok() } else { None };
+    if let Some(text) = text {
         let v: serde_json::Value = serde_json::from_str(&text)?;
         println!(
             "validation of fold {} ({} case(s), FLARE22 means):",

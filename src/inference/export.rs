@@ -177,20 +177,35 @@ pub fn softmax_in_place(slice: &mut [f32], classes: usize) {
 /// then written as nnU-Net's `.npz` on the full grid.
 pub struct ProbabilityWriter {
     classes: usize,
-    files: Vec<(PathBuf, BufWriter<std::fs::File>)>,
+    files: Vec<BufWriter<std::fs::File>>,
+    /// Every temporary file, removed when the writer goes, whatever happened.
+    paths: TemporaryFiles,
+}
+
+/// Paths removed on drop.
+struct TemporaryFiles(Vec<PathBuf>);
+
+impl Drop for TemporaryFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl ProbabilityWriter {
     pub fn new(out_npz: &Path, classes: usize) -> Result<ProbabilityWriter> {
         let dir = out_npz.parent().unwrap_or(Path::new("."));
         let stem = out_npz.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let mut paths = TemporaryFiles(Vec::with_capacity(classes));
         let mut files = Vec::with_capacity(classes);
         for k in 0..classes {
             let path = dir.join(format!(".{stem}.{}.class{k}.tmp", std::process::id()));
             let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-            files.push((path, BufWriter::new(f)));
+            paths.0.push(path);
+            files.push(BufWriter::new(f));
         }
-        Ok(ProbabilityWriter { classes, files })
+        Ok(ProbabilityWriter { classes, files, paths })
     }
 
     /// Appends one cropped-grid slice of logits (turned into probabilities here).
@@ -198,8 +213,8 @@ impl ProbabilityWriter {
         let mut p = logits.to_vec();
         softmax_in_place(&mut p, self.classes);
         let n = p.len() / self.classes;
-        for (k, (path, w)) in self.files.iter_mut().enumerate() {
-            crate::interop::npz::write_f32s(w, &p[k * n..(k + 1) * n]).map_err(|e| Error::io(&*path, e))?;
+        for (k, (w, path)) in self.files.iter_mut().zip(&self.paths.0).enumerate() {
+            crate::interop::npz::write_f32s(w, &p[k * n..(k + 1) * n]).map_err(|e| Error::io(path, e))?;
         }
         Ok(())
     }
@@ -207,19 +222,20 @@ impl ProbabilityWriter {
     /// Writes `path` (`probabilities`, `[K, z, y, x]` on the full grid `shape`, the
     /// crop `bbox` filled from the spilled slices, background 1 elsewhere) and removes
     /// the temporary files.
-    pub fn finish(mut self, path: &Path, shape: [usize; 3], bbox: [[usize; 2]; 3]) -> Result<()> {
-        let mut readers = Vec::with_capacity(self.classes);
-        for (p, w) in self.files.drain(..) {
-            w.into_inner().map_err(|e| Error::io(&p, e.into_error()))?;
-            let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-            readers.push((p, BufReader::new(f)));
+    pub fn finish(self, path: &Path, shape: [usize; 3], bbox: [[usize; 2]; 3]) -> Result<()> {
+        let ProbabilityWriter { classes, files, paths } = self;
+        let mut readers = Vec::with_capacity(classes);
+        for (w, p) in files.into_iter().zip(&paths.0) {
+            w.into_inner().map_err(|e| Error::io(p, e.into_error()))?;
+            let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+            readers.push(BufReader::new(f));
         }
-        let full = [self.classes, shape[0], shape[1], shape[2]];
+        let full = [classes, shape[0], shape[1], shape[2]];
         let crop_x = bbox[2][1] - bbox[2][0];
         let result = crate::interop::npz::write_npz_f32(path, "probabilities", &full, |w: &mut dyn Write| {
             let mut row = vec![0f32; shape[2]];
             let mut bytes = vec![0u8; crop_x * 4];
-            for (k, (_, r)) in readers.iter_mut().enumerate() {
+            for (k, r) in readers.iter_mut().enumerate() {
                 let outside = if k == 0 { 1.0 } else { 0.0 };
                 for z in 0..shape[0] {
                     for y in 0..shape[1] {
@@ -237,18 +253,9 @@ impl ProbabilityWriter {
             }
             Ok(())
         });
-        for (p, _) in &readers {
-            let _ = std::fs::remove_file(p);
-        }
+        // `paths` goes here and takes the temporary files with it.
+        drop(readers);
         result
-    }
-}
-
-impl Drop for ProbabilityWriter {
-    fn drop(&mut self) {
-        for (p, _) in &self.files {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 
@@ -310,6 +317,26 @@ mod tests {
             let max = got.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(max < 1e-5, "{sep:?}: {max}");
         }
+    }
+
+    #[test]
+    fn probability_files_leave_no_temporary_files_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let npz = dir.path().join("case.npz");
+        // Abandoned midway (an error elsewhere): the spilled classes go.
+        let mut w = ProbabilityWriter::new(&npz, 2).unwrap();
+        w.push(&[0.0, 1.0, 2.0, 3.0]).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // Finished: only the .npz is left.
+        let mut w = ProbabilityWriter::new(&npz, 2).unwrap();
+        w.push(&[0.0, 1.0, 2.0, 3.0]).unwrap();
+        w.finish(&npz, [1, 2, 2], [[0, 1], [0, 1], [0, 2]]).unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["case.npz"]);
     }
 
     #[test]

@@ -285,7 +285,8 @@ pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOption
     let bbox = nonzero_box(&channels);
     let cropped: [usize; 3] = std::array::from_fn(|a| bbox[a][1] - bbox[a][0]);
     let net_shape = compute_new_shape(cropped, spacing, target);
-    let sep = separate_axis(spacing, target, crate::planning::plan::ANISO_THRESHOLD);
+    let threshold = crate::preprocessing::resampling_of(&model.plans, &model.configuration)?.anisotropy_threshold;
+    let sep = separate_axis(spacing, target, threshold);
     let norms = &model.plans.normalization;
     let c = channels.len();
     let resampled = crop_clip_resample(channels, bbox, norms, net_shape, sep);
@@ -301,7 +302,7 @@ pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOption
     let classes = model.plans.num_classes;
     // Back to the input grid: nnU-Net decides the separate axis with the network
     // spacing as the current one here.
-    let back_sep = separate_axis(target, spacing, crate::planning::plan::ANISO_THRESHOLD);
+    let back_sep = separate_axis(target, spacing, threshold);
     let mut to_grid = export::LogitsToGrid::new(classes, net_shape, cropped, back_sep);
     let mut cropped_labels = Array3::<u8>::zeros(cropped);
     let plane = cropped[1] * cropped[2];
@@ -346,7 +347,7 @@ pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOption
     crate::io::write_labels_like(out, full.view(), &geometry)?;
     if let Some(p) = probabilities {
         p.finish(&npz, shape, bbox)?;
-        write_properties(&out.with_file_name(format!("{}.pkl", case.id)), &geometry, spacing, bbox, cropped)?;
+        write_properties(&out.with_file_name(format!("{}.pkl", case.id)), &geometry, bbox, cropped)?;
     }
     Ok(CaseReport {
         image: case.images[0].clone(),
@@ -362,7 +363,6 @@ pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOption
 fn write_properties(
     path: &Path,
     geometry: &crate::io::Geometry,
-    spacing: [f64; 3],
     bbox: [[usize; 2]; 3],
     cropped: [usize; 3],
 ) -> Result<()> {
@@ -380,7 +380,8 @@ fn write_properties(
     }
     let ints = |v: &[usize]| Value::List(v.iter().map(|&x| Value::Int(x as i64)).collect());
     let props = Value::dict([
-        ("spacing", Value::List(spacing.iter().map(|&v| Value::Float(v)).collect())),
+        // The file's spacing, as the reader reports it (not a forced one).
+        ("spacing", Value::List(geometry.spacing().iter().map(|&v| Value::Float(v)).collect())),
         (
             "nibabel_stuff",
             Value::dict([

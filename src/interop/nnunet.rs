@@ -90,12 +90,17 @@ pub fn nnunet_plans(plans: &Plans) -> Result<Json> {
     let mut intensities = serde_json::Map::new();
     let mut schemes = Vec::new();
     for (c, n) in plans.normalization.iter().enumerate() {
-        schemes.push(if n.scheme == "CT" { "CTNormalization" } else { "ZScoreNormalization" });
+        // Every channel as nnU-Net's CTNormalization (clip, then z-score with fixed
+        // statistics): our "zscore" channels use the dataset's statistics without
+        // clipping, which is CTNormalization with bounds no value reaches (nnU-Net's
+        // ZScoreNormalization would z-score each case by its own statistics instead).
+        let (lo, hi) = if n.scheme == "CT" { (n.clip_low, n.clip_high) } else { (-3.0e38, 3.0e38) };
+        schemes.push("CTNormalization");
         intensities.insert(
             c.to_string(),
             json!({
-                "mean": n.mean, "std": n.std, "percentile_00_5": n.clip_low, "percentile_99_5": n.clip_high,
-                "min": n.clip_low, "max": n.clip_high, "median": n.mean,
+                "mean": n.mean, "std": n.std, "percentile_00_5": lo, "percentile_99_5": hi,
+                "min": lo, "max": hi, "median": n.mean,
             }),
         );
     }
@@ -262,6 +267,31 @@ pub fn export_model_folder(checkpoint: &Path, out: &Path) -> Result<usize> {
 mod tests {
     use super::*;
     use crate::planning::topology::{features_per_stage, pool_and_conv_props};
+
+    #[test]
+    fn channels_are_normalised_in_nnunet_exactly_as_here() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/inference/model/plans.json");
+        let mut plans = Plans::read(Path::new(path)).unwrap();
+        let ct = nnunet_plans(&plans).unwrap();
+        let props = &ct["foreground_intensity_properties_per_channel"]["0"];
+        assert_eq!(ct["configurations"]["3d_fullres"]["normalization_schemes"][0], "CTNormalization");
+        assert_eq!(props["percentile_00_5"], plans.normalization[0].clip_low);
+        assert_eq!(props["std"], plans.normalization[0].std);
+        // A z-score channel (dataset statistics, no clipping) is CTNormalization whose bounds
+        // no value reaches, not nnU-Net's per-case ZScoreNormalization.
+        plans.normalization[0].scheme = "zscore".into();
+        let z = nnunet_plans(&plans).unwrap();
+        let props = &z["foreground_intensity_properties_per_channel"]["0"];
+        assert_eq!(z["configurations"]["3d_fullres"]["normalization_schemes"][0], "CTNormalization");
+        assert!(
+            props["percentile_00_5"].as_f64().unwrap() < -1e37 && props["percentile_99_5"].as_f64().unwrap() > 1e37
+        );
+        assert_eq!(props["mean"], plans.normalization[0].mean);
+        // Labels are consecutive, one per network output, and name the reorienting reader.
+        let d = nnunet_dataset_json(&plans);
+        assert_eq!(d["labels"].as_object().unwrap().len(), plans.num_classes);
+        assert_eq!(d["overwrite_image_reader_writer"], READER);
+    }
 
     #[test]
     fn every_parameter_has_its_nnunet_names_and_aliases() {

@@ -243,31 +243,38 @@ pub struct Orientation {
 }
 
 impl Orientation {
-    /// Maps each file axis to its dominant world axis (greedily, largest component
-    /// first, as nibabel's `io_orientation` does) and chooses flips so that canonical
-    /// x points right, y anterior and z superior (RAS+).
+    /// nibabel's `io_orientation`, so that the canonical array is exactly the one
+    /// `as_closest_canonical` (and nnU-Net's `NibabelIOWithReorient`) gives: the
+    /// direction cosines (columns scaled to unit length) replaced by the nearest
+    /// rotation (the polar factor, nibabel's SVD `U·Vᵀ`), then file axes in order, each
+    /// taking the world axis of its largest remaining component (the first on a tie),
+    /// flipped so that canonical x points right, y anterior and z superior (RAS+).
     pub fn from_affine(a: &Affine) -> Orientation {
-        let mut candidates = Vec::with_capacity(9);
-        for file_axis in 0..3 {
-            let norm = column_norms(a)[file_axis].max(1e-12);
-            for world in 0..3 {
-                candidates.push(((a[world][file_axis] / norm).abs(), file_axis, world));
+        let mut r = [[0.0f64; 3]; 3];
+        for f in 0..3 {
+            let norm = (0..3).map(|w| a[w][f] * a[w][f]).sum::<f64>().sqrt();
+            let norm = if norm == 0.0 { 1.0 } else { norm };
+            for w in 0..3 {
+                r[w][f] = a[w][f] / norm;
             }
         }
-        candidates.sort_by(|x, y| y.0.total_cmp(&x.0));
-        let mut used_file = [false; 3];
-        let mut used_world = [false; 3];
+        let mut r = polar_rotation(r).unwrap_or(r);
         let mut file_axis = [0usize; 3];
         let mut flip = [false; 3];
-        for (_, f, w) in candidates {
-            if used_file[f] || used_world[w] {
-                continue;
+        let mut used = [false; 3];
+        for f in 0..3 {
+            let mut best = None;
+            for w in 0..3 {
+                if !used[w] && best.is_none_or(|b: usize| r[w][f].abs() > r[b][f].abs()) {
+                    best = Some(w);
+                }
             }
-            used_file[f] = true;
-            used_world[w] = true;
+            let w = best.expect("a world axis is left for every file axis");
+            used[w] = true;
             let canonical = 2 - w; // world x -> canonical x (index 2), world z -> canonical z (0)
             file_axis[canonical] = f;
-            flip[canonical] = a[w][f] < 0.0;
+            flip[canonical] = r[w][f] < 0.0;
+            r[w] = [0.0; 3];
         }
         Orientation { file_axis, flip }
     }
@@ -296,6 +303,28 @@ impl Orientation {
         }
         m
     }
+}
+
+/// The orthogonal polar factor of `m` (its nearest rotation or reflection): Newton's
+/// iteration `X ← (X + X⁻ᵀ)/2`, which converges quadratically for invertible `m`.
+/// `None` for a (nearly) singular `m`.
+fn polar_rotation(m: [[f64; 3]; 3]) -> Option<[[f64; 3]; 3]> {
+    let mut x = m;
+    for _ in 0..100 {
+        let mut a4 = identity();
+        for i in 0..3 {
+            a4[i][..3].copy_from_slice(&x[i]);
+        }
+        let inv = invert(&a4)?;
+        let next: [[f64; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| 0.5 * (x[i][j] + inv[j][i])));
+        let change = (0..3).flat_map(|i| (0..3).map(move |j| (i, j))).map(|(i, j)| (next[i][j] - x[i][j]).abs());
+        let done = change.fold(0.0, f64::max) < 1e-14;
+        x = next;
+        if done {
+            break;
+        }
+    }
+    Some(x)
 }
 
 /// The three letters nibabel's `aff2axcodes` gives (the direction each file axis
@@ -355,6 +384,39 @@ mod tests {
         let o = Orientation::from_affine(&a);
         assert_eq!(o.file_axis, [0, 2, 1]);
         assert_eq!(o.flip, [false, false, true]);
+    }
+
+    #[test]
+    fn oblique_axes_follow_nibabels_io_orientation() {
+        // Expected values from nibabel 5.4.2's io_orientation on the same affines.
+        // File axis 0 at 60° from world x towards y, axis 1 at 60° from y towards −x:
+        // [[1, 1], [0, −1], [2, 1]].
+        let (s, c) = (60f64.to_radians().sin(), 60f64.to_radians().cos());
+        let mut a = identity();
+        a[0][0] = c;
+        a[1][0] = s;
+        a[0][1] = -s;
+        a[1][1] = c;
+        let o = Orientation::from_affine(&a);
+        // File axis 0 is mostly world y (+), so canonical y; axis 1 mostly world x (−), flipped.
+        assert_eq!(o.file_axis, [2, 0, 1]);
+        assert_eq!(o.flip, [false, false, true]);
+        // Exactly 45°: a tie, settled by the first world axis as numpy's argmax does.
+        let h = 0.5f64.sqrt();
+        let mut b = identity();
+        b[0][0] = h;
+        b[1][0] = h;
+        b[0][1] = -h;
+        b[1][1] = h;
+        let o = Orientation::from_affine(&b);
+        assert_eq!(o.file_axis, [2, 1, 0], "file axis 0 takes world x on the tie: [[0, 1], [1, 1], [2, 1]]");
+        // Non-orthogonal columns (0.71, 0.70, 0) and (0.75, −0.66, 0): their polar factor
+        // sends file axis 0 to y and 1 to x, [[1, 1], [0, 1], [2, 1]].
+        let mut m = identity();
+        (m[0][0], m[1][0], m[0][1], m[1][1], m[2][2]) = (0.71, 0.70, 0.75, -0.66, 2.5);
+        let o = Orientation::from_affine(&m);
+        assert_eq!(o.file_axis, [2, 0, 1]);
+        assert_eq!(o.flip, [false, false, false]);
     }
 
     #[test]

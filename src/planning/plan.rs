@@ -24,8 +24,9 @@ const MAX_DATASET_COVERED: f64 = 0.05;
 /// Intensity normalisation of one channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Normalization {
-    /// "CT" (clip to percentiles, then z-score with dataset statistics) or "zscore"
-    /// (per-case z-score, for non-CT channels).
+    /// "CT" (clip to the percentiles before resampling, then z-score with the dataset
+    /// statistics) or "zscore" (z-score with the dataset statistics, no clipping; nnU-Net
+    /// z-scores non-CT channels per case instead).
     pub scheme: String,
     pub mean: f64,
     pub std: f64,
@@ -80,6 +81,24 @@ pub struct Resampling {
     /// with this order (nnU-Net: 0).
     pub anisotropic_axis_order: u8,
     pub anisotropy_threshold: f64,
+}
+
+impl Resampling {
+    /// Only nnU-Net's default resampling is implemented; another setting in plans.json
+    /// is refused rather than silently ignored.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.image_order != 3 || self.label != "one_hot_linear" || self.anisotropic_axis_order != 0 {
+            return Err(format!(
+                "resampling {{image_order: {}, label: {:?}, anisotropic_axis_order: {}}}: only nnU-Net's default \
+                 (3: cubic B-spline images, \"one_hot_linear\" labels, 0: nearest along the separate axis) is implemented",
+                self.image_order, self.label, self.anisotropic_axis_order
+            ));
+        }
+        if self.anisotropy_threshold.is_nan() || self.anisotropy_threshold <= 1.0 {
+            return Err(format!("resampling anisotropy_threshold {} must be above 1", self.anisotropy_threshold));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Resampling {
@@ -599,6 +618,17 @@ mod tests {
         };
         let c = &plan(&fp, &good).unwrap().configurations["3d_fullres"];
         assert_eq!(c.network.features_per_stage, vec![8, 16, 32, 64]);
+    }
+
+    #[test]
+    fn only_the_implemented_resampling_is_accepted() {
+        let mut r = Resampling::default();
+        assert!(r.check().is_ok());
+        r.image_order = 1;
+        let e = r.check().unwrap_err();
+        assert!(e.contains("image_order: 1") && e.contains("B-spline"), "{e}");
+        let r = Resampling { anisotropy_threshold: 0.5, ..Default::default() };
+        assert!(r.check().is_err());
     }
 
     #[test]

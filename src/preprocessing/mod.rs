@@ -153,6 +153,15 @@ pub struct Preprocessed {
     pub labels: Option<Array3<u8>>,
 }
 
+/// A configuration's resampling settings, refused unless they are the implemented ones.
+pub fn resampling_of<'a>(plans: &'a Plans, configuration: &str) -> Result<&'a crate::planning::plan::Resampling> {
+    let c = plans
+        .configuration(configuration)
+        .ok_or_else(|| Error::invalid("plans", format!("no configuration \"{configuration}\"")))?;
+    c.resampling.check().map_err(|e| Error::invalid("plans.json", format!("configuration {configuration}: {e}")))?;
+    Ok(&c.resampling)
+}
+
 /// The target spacing of a configuration as (z, y, x).
 fn target_spacing(plans: &Plans, configuration: &str) -> Result<[f64; 3]> {
     let c = plans.configuration(configuration).ok_or_else(|| {
@@ -189,7 +198,7 @@ pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Resul
     let spacing = geometry.spacing();
     let target = [if target[0].is_nan() { spacing[0] } else { target[0] }, target[1], target[2]];
     let new_shape = compute_new_shape(cropped_shape, spacing, target);
-    let sep = separate_axis(spacing, target, crate::planning::plan::ANISO_THRESHOLD);
+    let sep = separate_axis(spacing, target, resampling_of(plans, configuration)?.anisotropy_threshold);
     let image = crop_clip_resample(channels, bbox, &plans.normalization, new_shape, sep);
     let labels = labels.map(|l| {
         let full = cropped_shape == geometry.shape();
@@ -274,12 +283,16 @@ fn shard_path(out: &Path, id: &str) -> PathBuf {
     out.join(format!("{id}.{}", cps3d_storage::SHARD_EXTENSION))
 }
 
-/// The shape of a shard that opens and was made for this plan's target spacing:
-/// such a case is done.
-fn done_shape(path: &Path, target: [f64; 3]) -> Option<[usize; 3]> {
+/// The shape of a shard that opens, has this build's layout and was made for this
+/// plan's target spacing and clipping (the shard holds clipped values): such a case is
+/// done.
+fn done_shape(path: &Path, target: [f64; 3], norms: &[Normalization]) -> Option<[usize; 3]> {
     let shard = cps3d_storage::Shard::open(path).ok()?;
     let meta = serde_json::from_str::<CaseMeta>(shard.metadata()).ok()?;
-    (0..3).all(|a| target[a].is_nan() || (meta.target_spacing[a] - target[a]).abs() < 1e-9).then(|| shard.shape())
+    let same_spacing = (0..3).all(|a| target[a].is_nan() || (meta.target_spacing[a] - target[a]).abs() < 1e-9);
+    let clip = |n: &Normalization| (n.scheme.clone(), n.clip_low.to_bits(), n.clip_high.to_bits());
+    let same_clip = meta.normalization.iter().map(clip).eq(norms.iter().map(clip));
+    (meta.version == SHARD_VERSION && same_spacing && same_clip).then(|| shard.shape())
 }
 
 fn write_case(p: &Preprocessed, path: &Path, opts: &PreprocessOptions) -> Result<u64> {
@@ -350,7 +363,7 @@ pub fn preprocess_dataset(
         opts.workers,
         |case: Case| -> (Case, Result<CaseOutcome>) {
             let path = shard_path(out, &case.id);
-            if let Some(shape) = (!opts.overwrite).then(|| done_shape(&path, target)).flatten() {
+            if let Some(shape) = (!opts.overwrite).then(|| done_shape(&path, target, &plans.normalization)).flatten() {
                 return (case, Ok((false, shape, 0, 0)));
             }
             let r = preprocess_case(&case, plans, &opts.configuration).and_then(|p| {
