@@ -238,6 +238,14 @@ pub(crate) struct AugmentedSample {
     pub sample: Sample,
 }
 
+/// Read failures per shard (`(labeled, index)`): how many and the last error, and the
+/// shards no longer sampled.
+#[derive(Default)]
+pub(crate) struct Exclusions {
+    pub errors: std::collections::HashMap<(bool, usize), (u32, String)>,
+    pub excluded: std::collections::HashSet<(bool, usize)>,
+}
+
 /// Everything the workers share. Master copies of every channel end live here, so
 /// no channel disconnects while a crashed worker is being replaced.
 pub(crate) struct Shared {
@@ -253,6 +261,10 @@ pub(crate) struct Shared {
     pub batch_pool: (Sender<BatchBuffers>, Receiver<BatchBuffers>),
     pub telemetry: Telemetry,
     pub batch_counter: AtomicU64,
+    /// Held while a batch is handed to every consumer (see the batcher).
+    pub fanout: Mutex<()>,
+    /// Shards that failed, and those no longer sampled: shared by the loaders.
+    pub exclusions: Mutex<Exclusions>,
     pub handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub fatal: Mutex<Option<String>>,
     pub coordinator: Mutex<Option<supervisor::CoordinatorHandle>>,
@@ -316,6 +328,8 @@ impl DataPath {
             stop_rx,
             telemetry,
             batch_counter: AtomicU64::new(0),
+            fanout: Mutex::new(()),
+            exclusions: Mutex::new(Exclusions::default()),
             handles: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             coordinator: Mutex::new(None),

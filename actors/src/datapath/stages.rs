@@ -2,7 +2,7 @@
 //! bounded channels (with the stop channel in every `select!`), and reports busy and
 //! blocked time. A panic ends the thread; the coordinator starts a replacement.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,7 +48,10 @@ pub(crate) fn spawn(shared: Arc<Shared>, stage: Stage, id: usize, generation: u3
             }
         })
         .expect("spawning a data-path thread");
-    shared.handles.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    let mut handles = shared.handles.lock().unwrap_or_else(|e| e.into_inner());
+    // Threads of crashed workers are done: their handles need not pile up.
+    handles.retain(|h| !h.is_finished());
+    handles.push(handle);
 }
 
 /// Sends unless the path is stopping; false when it is.
@@ -83,8 +86,6 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
     let planner = Augmenter::new(cfg.augmentation, cfg.patch, cfg.channels, &[]).expect("validated at start");
     let mut cache = ShardCache::new(cfg.open_shards_per_loader);
     let mut scratch = cps3d_storage::Scratch::new();
-    let mut shard_errors: HashMap<(bool, usize), u32> = HashMap::new();
-    let mut excluded: HashSet<(bool, usize)> = HashSet::new();
     let per_batch = (cfg.labeled_batch + cfg.unlabeled_batch) as u64;
     let (mut k, mut handled, mut consecutive_failures) = (0u64, 0u64, 0u32);
     while !sh.stopping() {
@@ -96,17 +97,31 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
         k += 1;
         let wants_foreground = labeled && forced_slot(slot, cfg.labeled_batch, cfg.oversample_foreground);
         let list = if labeled { &cfg.labeled } else { &cfg.unlabeled };
-        // Uniform over the shards still sampled; the list is built only once some are excluded.
-        let idx = if excluded.is_empty() {
-            rng.random_range(0..list.len())
-        } else {
-            let live: Vec<usize> = (0..list.len()).filter(|i| !excluded.contains(&(labeled, *i))).collect();
-            if live.is_empty() {
-                let kind = if labeled { "labeled" } else { "unlabeled" };
-                sh.fail(format!("every {kind} shard failed {SHARD_ERROR_LIMIT} times"));
-                return;
+        // Uniform over the shards still sampled; the list is built only once some are
+        // excluded (shared by all loaders, and kept when a loader is restarted).
+        let idx = {
+            let ex = sh.exclusions.lock().unwrap_or_else(|e| e.into_inner());
+            if ex.excluded.is_empty() {
+                rng.random_range(0..list.len())
+            } else {
+                let live: Vec<usize> = (0..list.len()).filter(|i| !ex.excluded.contains(&(labeled, *i))).collect();
+                if live.is_empty() {
+                    let kind = if labeled { "labeled" } else { "unlabeled" };
+                    let failed: Vec<String> = (0..list.len())
+                        .map(|i| {
+                            let last = ex.errors.get(&(labeled, i)).map(|e| e.1.as_str()).unwrap_or("");
+                            format!("{} ({last})", list[i].path.display())
+                        })
+                        .collect();
+                    drop(ex);
+                    sh.fail(format!(
+                        "every {kind} shard failed {SHARD_ERROR_LIMIT} times: {}",
+                        failed.join("; ")
+                    ));
+                    return;
+                }
+                live[rng.random_range(0..live.len())]
             }
-            live[rng.random_range(0..live.len())]
         };
         let draw = planner.draw(&mut rng);
         let result = cache.get(if labeled { idx } else { idx + cfg.labeled.len() }, &list[idx]).and_then(|shard| {
@@ -159,12 +174,15 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
                 stats.add_busy(t);
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("loader {id}: {e}; sample skipped");
-                let n = shard_errors.entry((labeled, idx)).or_insert(0);
-                *n += 1;
-                if *n >= SHARD_ERROR_LIMIT {
+                let mut ex = sh.exclusions.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = ex.errors.entry((labeled, idx)).or_insert((0, String::new()));
+                entry.0 += 1;
+                entry.1 = e.to_string();
+                let n = entry.0;
+                if n >= SHARD_ERROR_LIMIT && ex.excluded.insert((labeled, idx)) {
                     tracing::warn!("loader {id}: {} failed {n} times; no longer sampled", list[idx].path.display());
-                    excluded.insert((labeled, idx));
                 }
+                drop(ex);
                 consecutive_failures += 1;
                 if consecutive_failures >= CONSECUTIVE_FAILURE_LIMIT {
                     sh.fail(format!("{consecutive_failures} reads in a row failed; last: {e}"));
@@ -272,7 +290,7 @@ fn batcher(sh: &Shared) {
         ds_labels.iter_mut().for_each(Vec::clear);
         image.reserve((bl + bu) * cfg.channels * pn);
         let mut batch = Batch {
-            index: sh.batch_counter.fetch_add(1, Ordering::Relaxed),
+            index: 0, // numbered when handed out, below
             patch: cfg.patch,
             channels: cfg.channels,
             labeled: bl,
@@ -304,6 +322,10 @@ fn batcher(sh: &Shared) {
         maybe_fault(sh, Stage::Batcher, handled);
         stats.add_busy(t);
         stats.items.fetch_add(1, Ordering::Relaxed);
+        // One batcher at a time hands a batch to every consumer, numbered in that order:
+        // with several batchers, every consumer still sees the same sequence.
+        let _turn = sh.fanout.lock().unwrap_or_else(|e| e.into_inner());
+        batch.index = sh.batch_counter.fetch_add(1, Ordering::Relaxed);
         let batch = Arc::new(batch);
         for out in &sh.outputs {
             if !send(sh, out, batch.clone(), stats) {

@@ -13,7 +13,15 @@ use super::{stages, Shared, Stage};
 struct Coordinator {
     shared: Weak<Shared>,
     log_interval: Duration,
+    /// Per stage: crashes in a row with no item finished in between, and the stage's
+    /// item count at the last crash.
+    crashes: std::collections::HashMap<&'static str, (usize, u64)>,
 }
+
+/// A stage whose workers crash this many times in a row without finishing a single
+/// item is not restarted again: the data path fails with the last panic instead of
+/// looping (a worker that panics now and then keeps being restarted).
+const MAX_CRASHES_WITHOUT_PROGRESS: usize = 5;
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -48,18 +56,38 @@ impl Actor for Coordinator {
 impl Handler<WorkerDown> for Coordinator {
     type Result = ();
 
-    fn handle(&mut self, msg: WorkerDown, _: &mut Self::Context) {
+    fn handle(&mut self, msg: WorkerDown, ctx: &mut Self::Context) {
         let Some(sh) = self.shared.upgrade() else { return };
-        let restarts = sh.telemetry.stage(msg.stage.name()).restarts.load(Ordering::Relaxed);
-        tracing::error!(
-            "{} {} crashed ({}); restarting it (restart #{restarts} of that stage)",
-            msg.stage.name(),
-            msg.id,
-            msg.message
-        );
-        if !sh.stopping() {
-            stages::spawn(sh.clone(), msg.stage, msg.id, msg.generation + 1);
+        let name = msg.stage.name();
+        let stats = sh.telemetry.stage(name);
+        let (restarts, items) = (stats.restarts.load(Ordering::Relaxed), stats.items.load(Ordering::Relaxed));
+        let entry = self.crashes.entry(name).or_insert((0, u64::MAX));
+        entry.0 = if items == entry.1 { entry.0 + 1 } else { 1 };
+        entry.1 = items;
+        let in_a_row = entry.0;
+        if in_a_row >= MAX_CRASHES_WITHOUT_PROGRESS {
+            sh.fail(format!(
+                "{name} workers crashed {in_a_row} times in a row without finishing an item; not restarting \
+                 (last: {name} {}: {})",
+                msg.id, msg.message
+            ));
+            return;
         }
+        // Back off: 50 ms, doubling with each crash in a row.
+        let delay = Duration::from_millis(50 << (in_a_row - 1).min(6));
+        tracing::error!(
+            "{name} {} crashed ({}); restarting it in {} ms (restart #{restarts} of that stage)",
+            msg.id,
+            msg.message,
+            delay.as_millis()
+        );
+        ctx.run_later(delay, move |this, _| {
+            if let Some(sh) = this.shared.upgrade() {
+                if !sh.stopping() {
+                    stages::spawn(sh.clone(), msg.stage, msg.id, msg.generation + 1);
+                }
+            }
+        });
     }
 }
 
@@ -92,7 +120,7 @@ pub(crate) fn start(shared: Arc<Shared>) -> Result<CoordinatorHandle, String> {
         .spawn(move || {
             let sys = actix::System::new();
             sys.block_on(async move {
-                let addr = Coordinator { shared: weak, log_interval }.start();
+                let addr = Coordinator { shared: weak, log_interval, crashes: Default::default() }.start();
                 let _ = tx.send((addr, actix::System::current()));
             });
             let _ = sys.run();

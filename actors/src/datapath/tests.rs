@@ -166,7 +166,73 @@ fn only_corrupt_shards_fail_the_run_instead_of_spinning() {
     let mut dp = DataPath::start(cfg).unwrap();
     assert!(dp.next(0, Duration::from_secs(20)).is_none());
     let reason = dp.failure().expect("failure reported");
-    assert!(reason.contains("failed 3 times"), "{reason}");
+    assert!(reason.contains("failed 3 times") && reason.contains("bad.shard"), "{reason}");
+    dp.stop();
+}
+
+#[test]
+fn with_every_unlabeled_shard_corrupt_the_failure_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, _) = dataset(tmp.path(), 2, 0);
+    let bad: Vec<CaseSource> = (0..3)
+        .map(|i| {
+            let c = write_shard(tmp.path(), &format!("u{i}"), [36, 40, 40], false, i);
+            let len = std::fs::metadata(&c.path).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&c.path).unwrap().set_len(len / 2).unwrap();
+            c
+        })
+        .collect();
+    let mut cfg = config(l, bad);
+    cfg.consumers = 1;
+    cfg.loaders = 2;
+    let mut dp = DataPath::start(cfg).unwrap();
+    let start = std::time::Instant::now();
+    assert!(dp.next(0, Duration::from_secs(30)).is_none());
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let reason = dp.failure().expect("failure reported");
+    for i in 0..3 {
+        assert!(reason.contains(&format!("u{i}.shard")), "{reason}");
+    }
+    assert!(reason.contains("every unlabeled shard"), "{reason}");
+    dp.stop();
+}
+
+#[test]
+fn several_batchers_hand_every_consumer_the_same_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 2, 2);
+    let mut cfg = config(l, u);
+    (cfg.loaders, cfg.augmenters, cfg.batchers) = (2, 2, 3);
+    cfg.augmentation = crate::augment::AugmentConfig::none();
+    let mut dp = DataPath::start(cfg).unwrap();
+    // Two fast consumers on their own threads, as the trainers.
+    let readers: Vec<_> = (0..2)
+        .map(|i| {
+            let rx = dp.consumer(i);
+            std::thread::spawn(move || {
+                (0..150).map(|_| rx.recv_timeout(Duration::from_secs(30)).unwrap().index).collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    let seen: Vec<Vec<u64>> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+    dp.stop();
+    assert_eq!(seen[0], seen[1], "both consumers get the same batches in the same order");
+    assert!(seen[0].windows(2).all(|w| w[1] == w[0] + 1), "numbered in the order handed out");
+}
+
+#[test]
+fn a_worker_that_panics_on_every_item_fails_the_path_instead_of_restarting_forever() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 2, 2);
+    let mut cfg = config(l, u);
+    cfg.consumers = 1;
+    cfg.fault = Some(FaultInjection { stage: Stage::Augmenter, every: 1 });
+    let mut dp = DataPath::start(cfg).unwrap();
+    let start = std::time::Instant::now();
+    assert!(dp.next(0, Duration::from_secs(60)).is_none());
+    assert!(start.elapsed() < Duration::from_secs(30), "gave up in {:?}", start.elapsed());
+    let reason = dp.failure().expect("failure reported");
+    assert!(reason.contains("augmenter workers crashed") && reason.contains("injected fault"), "{reason}");
     dp.stop();
 }
 
