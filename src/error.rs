@@ -12,6 +12,9 @@ pub enum Error {
     // print the whole chain would otherwise say it twice.
     #[error("{}: {cause}", path.display())]
     Io { path: PathBuf, cause: std::io::Error },
+    /// Writing failed: said so, so that a full disk is not mistaken for a bad input.
+    #[error("{}: cannot write: {cause}", path.display())]
+    Write { path: PathBuf, cause: std::io::Error },
     #[error("{}: invalid JSON: {cause}", path.display())]
     Json { path: PathBuf, cause: serde_json::Error },
 }
@@ -25,6 +28,11 @@ impl Error {
 
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Error {
         Error::Io { path: path.as_ref().to_path_buf(), cause: source }
+    }
+
+    /// An I/O error while writing (or creating, syncing, renaming) `path`.
+    pub fn write(path: impl AsRef<Path>, source: std::io::Error) -> Error {
+        Error::Write { path: path.as_ref().to_path_buf(), cause: source }
     }
 
     pub fn json(path: impl AsRef<Path>, source: serde_json::Error) -> Error {
@@ -52,12 +60,21 @@ impl Error {
         Error::Nifti { path: path.as_ref().to_path_buf(), message }
     }
 
+    /// The nifti crate's errors while writing `path`, worded as a write.
+    pub fn nifti_write(path: impl AsRef<Path>, e: nifti::NiftiError) -> Error {
+        match e {
+            nifti::NiftiError::Io(io) => Error::write(path, io),
+            other => Error::Nifti { path: path.as_ref().to_path_buf(), message: format!("cannot write: {other}") },
+        }
+    }
+
     /// The file the error is about.
     pub fn path(&self) -> &Path {
         match self {
             Error::Invalid { path, .. }
             | Error::Nifti { path, .. }
             | Error::Io { path, .. }
+            | Error::Write { path, .. }
             | Error::Json { path, .. } => path,
         }
     }

@@ -175,6 +175,17 @@ impl Case {
     }
 }
 
+/// Runs `f` on a case, turning a panic into an error that names the case and its files:
+/// a pool worker's panic would otherwise be reported without them.
+pub fn catch_case_panic<T>(case: &Case, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = cps3d_actors::pool::panic_message(panic.as_ref());
+        let files: Vec<String> = case.images.iter().chain(&case.label).map(|p| p.display().to_string()).collect();
+        let first = case.images.first().cloned().unwrap_or_else(|| PathBuf::from(&case.id));
+        Err(Error::invalid(first, format!("crashed on case \"{}\" ({}): {what}", case.id, files.join(", "))))
+    })
+}
+
 /// A case read into memory.
 pub struct LoadedCase {
     /// One canonical `[z][y][x]` volume per channel.
@@ -208,17 +219,26 @@ impl RawDataset {
             return Err(Error::invalid(root, "not a directory"));
         }
         let json_path = root.join("dataset.json");
-        if !json_path.is_file() {
-            return Err(Error::invalid(&json_path, "missing: a dataset needs dataset.json"));
+        match std::fs::metadata(&json_path) {
+            Ok(m) if m.is_file() => {}
+            // Not read: a FIFO would block.
+            Ok(m) => {
+                let kind = crate::io::file_kind(&m.file_type());
+                return Err(Error::invalid(&json_path, format!("not a regular file ({kind})")));
+            }
+            Err(_) => return Err(Error::invalid(&json_path, "missing: a dataset needs dataset.json")),
         }
         let json = DatasetJson::read(&json_path)?;
         let mut layout_problems = Vec::new();
         let mut stray_files = Vec::new();
+        for dir in [IMAGES_TR, LABELS_TR, IMAGES_UNLABELED] {
+            layout_problems.extend(not_a_folder(&root.join(dir)));
+        }
 
         let images_tr = root.join(IMAGES_TR);
         let labels_tr = root.join(LABELS_TR);
-        let tr_images = list_channel_files(&images_tr, &json, &mut stray_files)?;
-        let tr_labels = list_files(&labels_tr, &json.file_ending)?;
+        let tr_images = list_channel_files(&images_tr, &json, &mut stray_files, &mut layout_problems)?;
+        let tr_labels = list_files(&labels_tr, &json.file_ending, &mut layout_problems)?;
 
         let mut labeled = Vec::new();
         for (id, channels) in &tr_images {
@@ -254,7 +274,7 @@ impl RawDataset {
         let images_u = root.join(IMAGES_UNLABELED);
         let mut unlabeled = Vec::new();
         if images_u.is_dir() {
-            for (id, channels) in list_channel_files(&images_u, &json, &mut stray_files)? {
+            for (id, channels) in list_channel_files(&images_u, &json, &mut stray_files, &mut layout_problems)? {
                 if let Some(images) = complete_channels(&images_u, &id, &channels, &json, &mut layout_problems) {
                     unlabeled.push(Case { id, images, label: None });
                 }
@@ -268,14 +288,50 @@ impl RawDataset {
     }
 }
 
-fn list_files(dir: &Path, ending: &str) -> Result<BTreeSet<String>> {
+/// A problem when `dir` exists but is no folder (a file, a dangling link, ...): it would
+/// otherwise read as an empty folder, "0 cases", and pass.
+fn not_a_folder(dir: &Path) -> Option<Error> {
+    let link = dir.symlink_metadata().ok()?;
+    let what = match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => return None,
+        Ok(m) if link.file_type().is_symlink() => {
+            format!("a symbolic link to {}", crate::io::file_kind(&m.file_type()).trim_start_matches("a "))
+        }
+        Ok(m) => crate::io::file_kind(&m.file_type()).to_string(),
+        Err(_) => {
+            let target = std::fs::read_link(dir).map(|t| t.display().to_string()).unwrap_or_default();
+            format!("a dangling symbolic link (to {target})")
+        }
+    };
+    Some(Error::invalid(dir, format!("{what}, not a folder")))
+}
+
+/// The name of a listed file, or `None` after recording a problem when it is not UTF-8 and
+/// looks like a case file (case ids are text: such a file could only be "not found" later).
+fn utf8_name(entry: &std::fs::DirEntry, ending: &str, problems: &mut Vec<Error>) -> Option<String> {
+    let name = entry.file_name();
+    if let Some(n) = name.to_str() {
+        return Some(n.to_string());
+    }
+    let lossy = name.to_string_lossy();
+    if lossy.ends_with(ending) && !lossy.starts_with('.') {
+        problems.push(Error::invalid(
+            entry.path(),
+            "file name is not valid UTF-8 (shown with \u{FFFD} for the bad bytes); rename it",
+        ));
+        return None;
+    }
+    Some(lossy.into_owned())
+}
+
+fn list_files(dir: &Path, ending: &str, problems: &mut Vec<Error>) -> Result<BTreeSet<String>> {
     let mut out = BTreeSet::new();
     if !dir.is_dir() {
         return Ok(out);
     }
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(name) = utf8_name(&entry, ending, problems) else { continue };
         if let Some(stem) = name.strip_suffix(ending) {
             if !name.starts_with('.') {
                 out.insert(stem.to_string());
@@ -290,6 +346,7 @@ fn list_channel_files(
     dir: &Path,
     json: &DatasetJson,
     stray: &mut Vec<PathBuf>,
+    problems: &mut Vec<Error>,
 ) -> Result<BTreeMap<String, BTreeSet<usize>>> {
     let mut out: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
     if !dir.is_dir() {
@@ -297,7 +354,7 @@ fn list_channel_files(
     }
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(name) = utf8_name(&entry, &json.file_ending, problems) else { continue };
         if name.starts_with('.') {
             continue; // temporary files of an interrupted writer, editor files
         }

@@ -41,6 +41,23 @@ impl Geometry {
             }
         };
         let (file_affine, source) = geometry::effective_affine(&header);
+        if source == AffineSource::Pixdim {
+            // Without a transform the voxel size is pixdim alone; a 0 or negative one used to
+            // become 1 mm silently. (The axes a 2D image lacks keep 1 mm.)
+            for a in 0..dim.len().min(3) {
+                let v = header.pixdim[a + 1];
+                if !(v > 0.0 && v.is_finite()) {
+                    return Err(Error::invalid(
+                        path,
+                        format!(
+                            "pixdim[{}] = {v}: voxel sizes must be positive, and the header has no sform or qform \
+                             (both codes 0) to take them from",
+                            a + 1
+                        ),
+                    ));
+                }
+            }
+        }
         if file_affine.iter().flatten().any(|v| !v.is_finite()) {
             return Err(Error::invalid(path, format!("{source:?} affine has non-finite entries")));
         }
@@ -146,32 +163,133 @@ pub struct Volume<T> {
 }
 
 pub fn read_header(path: &Path) -> Result<Geometry> {
-    let header = NiftiHeader::from_file(path).map_err(|e| Error::nifti(path, e))?;
+    let len = check_regular_file(path)?;
+    let header = guarded(path, || NiftiHeader::from_file(path).map_err(|e| Error::nifti(path, e)))?;
+    validate_header(path, &header, len)?;
     Geometry::from_header(path, header)
 }
 
-fn read_file_order_f32(path: &Path) -> Result<(Array3<f32>, Geometry)> {
-    let obj = ReaderOptions::new().read_file(path).map_err(|e| Error::nifti(path, e))?;
-    let geometry = Geometry::from_header(path, obj.header().clone())?;
-    match geometry.datatype() {
-        Some(
-            NiftiType::Uint8
+/// The file's length, if it is a regular file (links followed). Checked before opening: a FIFO
+/// named like a case file would block the reader forever.
+pub fn check_regular_file(path: &Path) -> Result<u64> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(m.len()),
+        Ok(m) => Err(Error::invalid(path, format!("not a regular file ({})", super::file_kind(&m.file_type())))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.symlink_metadata().is_ok() => {
+            let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+            Err(Error::invalid(path, format!("a dangling symbolic link (to {target})")))
+        }
+        Err(e) => Err(Error::nifti(path, nifti::NiftiError::Io(e))),
+    }
+}
+
+/// Runs a step of the nifti crate, turning a panic inside it into an error naming the file,
+/// so that one malformed file does not take its worker (and every later file) down.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = cps3d_actors::pool::panic_message(panic.as_ref());
+        Err(Error::invalid(path, format!("malformed NIfTI: the reader failed ({what})")))
+    })
+}
+
+/// Voxel types the pipeline reads.
+fn supported(t: NiftiType) -> bool {
+    matches!(
+        t,
+        NiftiType::Uint8
             | NiftiType::Int8
             | NiftiType::Int16
             | NiftiType::Uint16
             | NiftiType::Int32
             | NiftiType::Uint32
             | NiftiType::Float32
-            | NiftiType::Float64,
-        ) => {}
-        other => {
-            return Err(Error::invalid(
-                path,
-                format!("unsupported voxel type {:?} (datatype code {})", other, obj.header().datatype),
-            ));
+            | NiftiType::Float64
+    )
+}
+
+/// gzip cannot shrink data more than about 1032:1; a header wanting more voxel bytes than that
+/// from its file is truncated (or lies), whatever the stream holds.
+const MAX_GZIP_RATIO: u64 = 1032;
+
+/// Checks what the nifti crate trusts (it panics or over-allocates otherwise): dimensions,
+/// datatype and bitpix agreeing, the data offset, the size against the file's length, and
+/// finite intensity scaling. `file_len` is the length on disk.
+fn validate_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<()> {
+    let bad = |m: String| Err(Error::invalid(path, m));
+    let raw_dim = h.dim;
+    let ndim = raw_dim[0] as i16;
+    if !(1..=7).contains(&ndim) {
+        return bad(format!("dim[0] = {ndim}: the number of dimensions must be 1 to 7"));
+    }
+    for (i, &d) in raw_dim.iter().enumerate().take(ndim as usize + 1).skip(1) {
+        if (d as i16) < 1 {
+            return bad(format!("dim[{i}] = {}: every dimension must be at least 1 (dim {raw_dim:?})", d as i16));
         }
     }
-    let data = obj.into_volume().into_ndarray::<f32>().map_err(|e| Error::nifti(path, e))?;
+    let Ok(datatype) = h.data_type() else {
+        return bad(format!("unknown datatype code {}", h.datatype));
+    };
+    if !supported(datatype) {
+        return bad(format!("unsupported voxel type {datatype:?} (datatype {})", h.datatype));
+    }
+    let bits = 8 * datatype.size_of();
+    if i64::from(h.bitpix) != bits as i64 {
+        return bad(format!(
+            "bitpix {} disagrees with datatype {} ({datatype:?}, {bits} bits per voxel): corrupt header",
+            h.bitpix, h.datatype
+        ));
+    }
+    if h.scl_slope != 0.0 && !(h.scl_slope.is_finite() && h.scl_inter.is_finite()) {
+        return bad(format!(
+            "scl_slope {} / scl_inter {}: intensity scaling must be finite (it would make every voxel non-finite)",
+            h.scl_slope, h.scl_inter
+        ));
+    }
+    let single_file = &h.magic == b"n+1\0";
+    // 0 is a common "unset", which the reader (like nibabel) takes as right after the header.
+    let offset_ok = h.vox_offset == 0.0 || (h.vox_offset.is_finite() && h.vox_offset >= 352.0);
+    if single_file && !offset_ok {
+        return bad(format!("vox_offset {}: voxel data must start at or after the 352-byte header", h.vox_offset));
+    }
+    let offset = (h.vox_offset as u64).max(352);
+    let voxels = raw_dim[1..=ndim as usize].iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    let Some(bytes) = voxels.and_then(|n| n.checked_mul(datatype.size_of() as u64)) else {
+        return bad(format!("dim {:?} is too large", &raw_dim[1..=ndim as usize]));
+    };
+    let gz = path.to_string_lossy().ends_with(".gz");
+    let needed = if single_file { bytes.saturating_add(offset) } else { bytes };
+    if single_file && !gz && needed > file_len {
+        return bad(format!(
+            "file is truncated: dim {:?} at {bits} bits per voxel from offset {offset} needs {needed} bytes, the file \
+             has {file_len}",
+            &raw_dim[1..=ndim as usize]
+        ));
+    }
+    if single_file && gz && bytes / MAX_GZIP_RATIO > file_len {
+        return bad(format!(
+            "file is truncated: dim {:?} at {bits} bits per voxel needs {bytes} bytes, more than {file_len} bytes of \
+             gzip can hold",
+            &raw_dim[1..=ndim as usize]
+        ));
+    }
+    Ok(())
+}
+
+fn read_file_order_f32(path: &Path) -> Result<(Array3<f32>, Geometry)> {
+    let geometry = read_header(path)?;
+    let obj = guarded(path, || ReaderOptions::new().read_file(path).map_err(|e| Error::nifti(path, e)))?;
+    // The header read again with the data must be the one validated (the file may have changed).
+    let (a, b) = (obj.header(), &geometry.header);
+    let same = a.dim == b.dim
+        && a.datatype == b.datatype
+        && a.bitpix == b.bitpix
+        && a.vox_offset.to_bits() == b.vox_offset.to_bits()
+        && a.scl_slope.to_bits() == b.scl_slope.to_bits()
+        && a.scl_inter.to_bits() == b.scl_inter.to_bits();
+    if !same {
+        return Err(Error::invalid(path, "the header changed while the file was read"));
+    }
+    let data = guarded(path, || obj.into_volume().into_ndarray::<f32>().map_err(|e| Error::nifti(path, e)))?;
     let n: usize = geometry.file_shape.iter().product();
     if data.len() != n {
         return Err(Error::invalid(path, format!("holds {} voxels, the header says {n}", data.len())));
@@ -181,7 +299,27 @@ fn read_file_order_f32(path: &Path) -> Result<(Array3<f32>, Geometry)> {
         .map_err(|_| Error::invalid(path, "voxel data could not be shaped as a 3D volume"))?
         .into_dimensionality::<Ix3>()
         .map_err(|e| Error::invalid(path, format!("voxel data is not 3D: {e}")))?;
+    check_finite(path, &data, &geometry)?;
     Ok((data, geometry))
+}
+
+/// Refuses NaN and infinite voxels, naming the first: every stage would otherwise treat them
+/// differently (statistics drop them, resampling spreads them, prediction argmaxes them).
+fn check_finite(path: &Path, data: &Array3<f32>, geometry: &Geometry) -> Result<()> {
+    // The array is in the file's order (i fastest): its transpose iterates it as stored.
+    let values = data.t();
+    let Some(first) = values.iter().position(|v| !v.is_finite()) else { return Ok(()) };
+    let nan = values.iter().filter(|v| v.is_nan()).count();
+    let inf = values.iter().filter(|v| v.is_infinite()).count();
+    let [ni, nj, _] = geometry.file_shape;
+    let ijk = [first % ni, first / ni % nj, first / (ni * nj)];
+    Err(Error::invalid(
+        path,
+        format!(
+            "{nan} NaN and {inf} infinite voxel(s), the first at voxel (i, j, k) = ({}, {}, {}) of the file: {}",
+            ijk[0], ijk[1], ijk[2], data[ijk]
+        ),
+    ))
 }
 
 /// Reorders a file-layout array (i, j, k) into the canonical `[z][y][x]` standard layout.
@@ -332,12 +470,13 @@ where
     if let (true, WriterOptionsFlavour::Level(level) | WriterOptionsFlavour::Scratch(level)) = (gz, flavour) {
         options = options.compression_level(flate2::Compression::new(level.min(9)));
     }
-    let result = options.write_nifti(&file_data).map_err(|e| Error::nifti(path, e)).and_then(|_| {
+    // Errors name the file asked for, as writes (a full disk is no unreadable input).
+    let result = options.write_nifti(&file_data).map_err(|e| Error::nifti_write(path, e)).and_then(|_| {
         if !matches!(flavour, WriterOptionsFlavour::Scratch(_)) {
-            let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+            let f = std::fs::File::open(&tmp).map_err(|e| Error::write(path, e))?;
+            f.sync_all().map_err(|e| Error::write(path, e))?;
         }
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -183,7 +183,7 @@ pub fn fingerprint_dataset(root: &Path, workers: usize, mut on_case: impl FnMut(
     cps3d_actors::pool::for_each_bounded(
         items,
         workers,
-        |case: Case| (case.id.clone(), fingerprint_case(&case, n_channels)),
+        |case: Case| (case.id.clone(), crate::dataset::catch_case_panic(&case, || fingerprint_case(&case, n_channels))),
         |r| match r {
             Ok((id, Ok(res))) => {
                 for c in 0..n_channels {

@@ -69,8 +69,8 @@ impl IntensityAccumulator {
         self.count
     }
 
-    /// Adds a run of values. Non-finite values are the caller's problem (the dataset
-    /// check rejects them); they are skipped here so they cannot poison the sums.
+    /// Adds a run of values. Non-finite values never get here (the NIfTI reader refuses
+    /// such files); they are skipped anyway so they cannot poison the sums.
     pub fn add_slice(&mut self, values: &[f32]) {
         // Sums per slice in f64, then folded in: cheap and accurate enough for 1e11 voxels.
         let (mut s, mut s2, mut n) = (0.0f64, 0.0f64, 0u64);

@@ -35,8 +35,17 @@ pub enum StorageError {
     #[error("{path}: unsupported shard format version {found} (this build reads version {supported})")]
     UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
 
+    #[error("{path}: not a regular file ({kind}); shards are regular files")]
+    NotAFile { path: PathBuf, kind: &'static str },
+
     #[error("{path}: truncated: expected {expected} bytes, the file has {actual}")]
     Truncated { path: PathBuf, expected: u64, actual: u64 },
+
+    #[error(
+        "{path}: corrupt shard: its length changed from {expected} to {actual} bytes while it was open \
+         (rewritten or truncated in place); make it again"
+    )]
+    Changed { path: PathBuf, expected: u64, actual: u64 },
 
     #[error("{path}: corrupt header: checksum {computed:#018x} does not match the stored {stored:#018x}")]
     HeaderChecksum { path: PathBuf, stored: u64, computed: u64 },

@@ -37,13 +37,18 @@ impl std::fmt::Debug for Scratch {
 /// thread bringing its own [`Scratch`].
 pub struct Shard {
     path: PathBuf,
+    /// Kept open to `fstat` it before each brick read (see [`Shard::check_unchanged`]).
+    file: File,
     map: Mmap,
     header: Header,
     grid: Grid,
     image_index: Vec<BrickEntry>,
     label_index: Vec<BrickEntry>,
     classes: Vec<ClassInfo>,
-    /// Byte offset in the file of each class's first location.
+    /// Every class's locations, copied out of the map at open: callers hold these slices, and
+    /// the footer is the first thing a truncation takes away.
+    locations: Vec<u8>,
+    /// Offset in `locations` of each class's first location.
     class_starts: Vec<usize>,
     metadata: String,
 }
@@ -64,15 +69,21 @@ impl Shard {
     /// are checked when read (or all at once by [`crate::verify_shard`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Shard> {
         let path = path.as_ref();
+        // Before opening: opening a FIFO would wait for a writer forever.
+        let meta = std::fs::metadata(path).map_err(|e| StorageError::io(path, "opening", e))?;
+        if !meta.is_file() {
+            return Err(StorageError::NotAFile { path: path.into(), kind: file_kind(&meta.file_type()) });
+        }
         let file = File::open(path).map_err(|e| StorageError::io(path, "opening", e))?;
         // SAFETY: shards are written once under a temporary name and renamed into place, never
-        // modified afterwards; the map is only read. (Truncating a shard while it is mapped
-        // would fault the reader: shards must not be rewritten in place.)
+        // modified afterwards; the map is only read. A shard truncated in place anyway would fault
+        // a read past its new end (SIGBUS): every brick read first checks the file's length
+        // (`check_unchanged`), and the header and footer are copied out at open.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io(path, "memory-mapping", e))?;
-        Shard::from_map(path.to_path_buf(), map)
+        Shard::from_map(path.to_path_buf(), file, map)
     }
 
-    fn from_map(path: PathBuf, map: Mmap) -> Result<Shard> {
+    fn from_map(path: PathBuf, file: File, map: Mmap) -> Result<Shard> {
         let header = Header::parse(&path, &map)?;
         let grid = Grid::new(header.shape, header.brick);
         let bad = |reason: String| StorageError::corrupt(&path, reason);
@@ -115,7 +126,8 @@ impl Shard {
         let voxels = voxel_count(header.shape).unwrap_or(0) as u64;
         let mut classes = Vec::with_capacity(header.class_count);
         let mut class_starts = Vec::with_capacity(header.class_count);
-        let mut at = header.footer_offset as usize + index_len + classes_len;
+        let locations_at = header.footer_offset as usize + index_len + classes_len;
+        let mut at = locations_at;
         for entry in footer[index_len..index_len + classes_len].chunks_exact(CLASS_ENTRY_LEN) {
             let class = entry[0];
             let sampled = u32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]) as usize;
@@ -129,7 +141,7 @@ impl Shard {
                 return Err(bad(format!("class {class}: {sampled} locations of {total} voxels")));
             }
             classes.push(ClassInfo { class, voxels: total, sampled });
-            class_starts.push(at);
+            class_starts.push(at - locations_at);
             at += sampled * LOCATION_LEN;
         }
         let metadata_at = at;
@@ -140,7 +152,20 @@ impl Shard {
             .map_err(|e| bad(format!("metadata is not UTF-8: {e}")))?
             .to_owned();
 
-        let shard = Shard { path, map, header, grid, image_index, label_index, classes, class_starts, metadata };
+        let locations = map[locations_at..metadata_at].to_vec();
+        let shard = Shard {
+            path,
+            file,
+            map,
+            header,
+            grid,
+            image_index,
+            label_index,
+            classes,
+            locations,
+            class_starts,
+            metadata,
+        };
         for c in &shard.classes {
             shard.check_locations(c.class)?;
         }
@@ -231,7 +256,7 @@ impl Shard {
         let bytes = match self.classes.binary_search_by_key(&class, |c| c.class) {
             Ok(i) => {
                 let start = self.class_starts[i];
-                self.map.get(start..start + self.classes[i].sampled * LOCATION_LEN).unwrap_or(&[])
+                self.locations.get(start..start + self.classes[i].sampled * LOCATION_LEN).unwrap_or(&[])
             }
             Err(_) => &[],
         };
@@ -445,6 +470,7 @@ impl Shard {
             reason,
         };
         let entry = entries.get(channel * self.grid.len() + index).ok_or_else(|| fail("no such brick".into()))?;
+        self.check_unchanged()?;
         let start = entry.offset as usize;
         let src = self.map.get(start..start + entry.len as usize).ok_or_else(|| fail("beyond the file".into()))?;
         let computed = xxh3_64(src);
@@ -481,6 +507,40 @@ impl Shard {
 
     pub(crate) fn grid(&self) -> &Grid {
         &self.grid
+    }
+
+    /// Fails unless the file still has the length it had at open: touching a mapped page past
+    /// the end of a file truncated in place kills the process (SIGBUS), so a changed length is
+    /// a corrupt shard. One `fstat`, far cheaper than the decompression it guards. (A truncation
+    /// between this check and the read remains possible, in a window of microseconds.)
+    pub(crate) fn check_unchanged(&self) -> Result<()> {
+        let actual = self.file.metadata().map_err(|e| StorageError::io(&self.path, "checking its length", e))?.len();
+        if actual != self.map.len() as u64 {
+            return Err(StorageError::Changed { path: self.path.clone(), expected: self.map.len() as u64, actual });
+        }
+        Ok(())
+    }
+}
+
+/// What kind of file this is, for messages ("a FIFO", ...).
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "an unknown kind of file"
     }
 }
 

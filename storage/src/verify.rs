@@ -1,6 +1,8 @@
 //! Whole-shard integrity checks, for `cps3d verify DIR`.
 
+use std::collections::HashSet;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StorageError, Stream};
@@ -103,13 +105,10 @@ fn check_classes(shard: &Shard, labels: &[u8]) -> Result<()> {
 }
 
 /// Verifies every `*.shard` file under `dir` (recursively; hidden names such as the writer's
-/// temporary files are skipped), sorted by path. A directory that cannot be listed appears as an
-/// entry with its error, so the caller only has to look for `Err`s.
+/// temporary files are skipped), sorted by path, each file once. A directory that cannot be
+/// listed appears as an entry with its error, so the caller only has to look for `Err`s.
 pub fn verify_dir(dir: impl AsRef<Path>) -> Vec<(PathBuf, Result<ShardSummary>)> {
-    let mut found = Vec::new();
-    let mut errors = Vec::new();
-    collect_shards(dir.as_ref(), &mut found, &mut errors);
-    found.sort();
+    let (found, errors) = walk(dir.as_ref());
     let mut results: Vec<_> = found
         .into_iter()
         .map(|p| {
@@ -121,19 +120,37 @@ pub fn verify_dir(dir: impl AsRef<Path>) -> Vec<(PathBuf, Result<ShardSummary>)>
     results
 }
 
-/// The `*.shard` files under `dir`, recursively, sorted; hidden entries are skipped.
+/// The `*.shard` files under `dir`, recursively, sorted, each file once; hidden entries are
+/// skipped.
 pub fn find_shards(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
-    let mut found = Vec::new();
-    let mut errors = Vec::new();
-    collect_shards(dir.as_ref(), &mut found, &mut errors);
+    let (found, errors) = walk(dir.as_ref());
     if let Some((_, Err(e))) = errors.into_iter().next() {
         return Err(e);
     }
-    found.sort();
     Ok(found)
 }
 
-fn collect_shards(dir: &Path, found: &mut Vec<PathBuf>, errors: &mut Vec<(PathBuf, Result<ShardSummary>)>) {
+type WalkErrors = Vec<(PathBuf, Result<ShardSummary>)>;
+
+/// Symlinks are followed (a folder of links to shards verifies too), but each directory is
+/// entered once, by (device, inode): a link back up the tree would otherwise loop, or list the
+/// same shards many times. A shard reached by two paths is kept under the first in sorted order.
+fn walk(dir: &Path) -> (Vec<PathBuf>, WalkErrors) {
+    let mut found = Vec::new();
+    let mut errors = Vec::new();
+    let mut visited = HashSet::new();
+    if let Ok(m) = fs::metadata(dir) {
+        visited.insert((m.dev(), m.ino()));
+    }
+    collect_shards(dir, &mut visited, &mut found, &mut errors);
+    found.sort();
+    let mut seen = HashSet::new();
+    // A dangling link has no inode: keep it, opening it reports the problem.
+    found.retain(|p| fs::metadata(p).map_or(true, |m| seen.insert((m.dev(), m.ino()))));
+    (found, errors)
+}
+
+fn collect_shards(dir: &Path, visited: &mut HashSet<(u64, u64)>, found: &mut Vec<PathBuf>, errors: &mut WalkErrors) {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) => {
@@ -153,9 +170,11 @@ fn collect_shards(dir: &Path, found: &mut Vec<PathBuf>, errors: &mut Vec<(PathBu
         if entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        // Follows symlinks, so a directory of links to shards verifies too.
-        if path.is_dir() {
-            collect_shards(&path, found, errors);
+        // Links are followed; a directory already entered is skipped.
+        if let Some(m) = fs::metadata(&path).ok().filter(|m| m.is_dir()) {
+            if visited.insert((m.dev(), m.ino())) {
+                collect_shards(&path, visited, found, errors);
+            }
         } else if path.extension().is_some_and(|e| e == SHARD_EXTENSION) {
             found.push(path);
         }

@@ -1,0 +1,408 @@
+//! Issue 13 (reliability), the input/output items: hostile files in a dataset (a FIFO, a header
+//! that crashes the NIfTI crate, NaN voxels or scaling, no usable voxel size, odd folders and
+//! names), write errors worded as writes, and `verify` against the manifest. Each bad input is
+//! refused with the file and the problem; children run under a timeout, so a hang fails.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::copy_dir;
+use cps3d::io::{self, Geometry};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs the binary (through `sh -c` when `shell_prefix` is set) and returns (success, stdout +
+/// stderr); kills it and fails the test after [`TIMEOUT`].
+fn run_guarded(args: &[&str], shell_prefix: Option<&str>) -> (bool, String) {
+    let bin = env!("CARGO_BIN_EXE_cps3d");
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut cmd = match shell_prefix {
+        None => {
+            let mut c = Command::new(bin);
+            c.args(args);
+            c
+        }
+        Some(prefix) => {
+            let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!("{prefix} exec '{bin}' {}", quoted.join(" ")));
+            c
+        }
+    };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cps3d {args:?} did not finish within {TIMEOUT:?} (a hang)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut text = String::new();
+    for p in [&out_path, &err_path] {
+        std::fs::File::open(p).unwrap().read_to_string(&mut text).unwrap();
+    }
+    assert!(!text.contains("panicked"), "a panic is no error message: {text}");
+    (status.success(), text)
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    run_guarded(args, None)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A small synthetic dataset: 2 labeled and 2 unlabeled phantoms.
+fn dataset(dir: &Path, file_ending: &str) -> PathBuf {
+    let cfg = cps3d::synth::SynthConfig {
+        labeled: 2,
+        unlabeled: 2,
+        shape: [12, 24, 24],
+        seed: 3,
+        file_ending: file_ending.into(),
+        ..Default::default()
+    };
+    let d = dir.join("raw");
+    cps3d::synth::write_dataset(&cfg, &d, |_| {}).unwrap();
+    d
+}
+
+/// fingerprint + plan of an intact dataset, so that preprocess can run after breaking it.
+fn plan_for(raw: &Path, dir: &Path) -> PathBuf {
+    let (fp, plans) = (dir.join("fp.json"), dir.join("plans.json"));
+    let (ok, text) = run(&["fingerprint", s(raw), "-o", s(&fp)]);
+    assert!(ok, "{text}");
+    let (ok, text) = run(&["plan", s(&fp), "-o", s(&plans), "--patch-size", "8,16,16"]);
+    assert!(ok, "{text}");
+    plans
+}
+
+const VICTIM: &str = "imagesUnlabeled/unlabeled_00001_0000";
+
+/// `dataset check`, `fingerprint` and `preprocess` all refuse the victim with `needle`, and go on
+/// with the other cases.
+fn refused_everywhere(raw: &Path, plans: &Path, victim: &Path, needle: &str) {
+    let name = victim.display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, text) = run(&["dataset", "check", s(raw), "-j", "2"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&format!("{name}: {needle}")) || text.contains(&name) && text.contains(needle), "{text}");
+    // The other files were read.
+    assert!(text.contains("unlabeled_00000_0000"), "{text}");
+
+    let fp = tmp.path().join("fp.json");
+    let (ok, text) = run(&["fingerprint", s(raw), "-o", s(&fp), "-j", "2"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&name) && text.contains(needle), "{text}");
+    assert!(text.contains("2 labeled + 1 unlabeled cases"), "{text}");
+
+    let out = tmp.path().join("shards");
+    let (ok, text) = run(&["preprocess", s(raw), "-p", s(plans), "-o", s(&out), "-j", "2"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&name) && text.contains(needle), "{text}");
+    for id in ["phantom_0000", "phantom_0001", "unlabeled_00000"] {
+        assert!(out.join(format!("{id}.shard")).is_file(), "{id} should be preprocessed: {text}");
+    }
+}
+
+#[test]
+fn a_fifo_named_like_a_case_file_is_refused_not_waited_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = dataset(tmp.path(), ".nii.gz");
+    let plans = plan_for(&raw, tmp.path());
+    let victim = raw.join(format!("{VICTIM}.nii.gz"));
+    std::fs::remove_file(&victim).unwrap();
+    assert!(Command::new("mkfifo").arg(&victim).status().unwrap().success());
+    refused_everywhere(&raw, &plans, &victim, "not a regular file (a FIFO)");
+}
+
+/// Rewrites a `.nii.gz` file's header through `patch(header bytes)`.
+fn patch_gz_header(path: &Path, patch: impl FnOnce(&mut [u8])) {
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()).read_to_end(&mut bytes).unwrap();
+    patch(&mut bytes[..348]);
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&bytes).unwrap();
+    std::fs::write(path, enc.finish().unwrap()).unwrap();
+}
+
+fn put_i16(h: &mut [u8], at: usize, v: i16) {
+    h[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_f32(h: &mut [u8], at: usize, v: f32) {
+    h[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+// NIfTI-1 header offsets.
+const DATATYPE: usize = 70;
+const BITPIX: usize = 72;
+const PIXDIM: usize = 76;
+const VOX_OFFSET: usize = 108;
+const SCL_SLOPE: usize = 112;
+const QFORM_CODE: usize = 252;
+const SFORM_CODE: usize = 254;
+
+#[test]
+fn bitpix_disagreeing_with_the_datatype_names_the_file_instead_of_panicking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = dataset(tmp.path(), ".nii.gz");
+    let plans = plan_for(&raw, tmp.path());
+    let victim = raw.join(format!("{VICTIM}.nii.gz"));
+    let datatype = io::read_header(&victim).unwrap().header.datatype;
+    patch_gz_header(&victim, |h| put_i16(h, BITPIX, 8));
+    let e = io::read_image(&victim).unwrap_err().to_string();
+    assert!(e.contains(&victim.display().to_string()) && e.contains("bitpix 8"), "{e}");
+    assert!(e.contains(&format!("datatype {datatype}")), "{e}");
+    refused_everywhere(&raw, &plans, &victim, "bitpix 8");
+}
+
+#[test]
+fn nan_scaling_and_non_finite_voxels_are_refused_with_the_file_and_voxel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = dataset(tmp.path(), ".nii.gz");
+    let plans = plan_for(&raw, tmp.path());
+    let victim = raw.join(format!("{VICTIM}.nii.gz"));
+
+    // scl_slope = NaN would turn every voxel into NaN (fingerprint dropped them silently).
+    let original = std::fs::read(&victim).unwrap();
+    for (slope, word) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+        patch_gz_header(&victim, |h| put_f32(h, SCL_SLOPE, slope));
+        let e = io::read_image(&victim).unwrap_err().to_string();
+        assert!(e.contains(&victim.display().to_string()) && e.contains(&format!("scl_slope {word}")), "{e}");
+        std::fs::write(&victim, &original).unwrap();
+    }
+    patch_gz_header(&victim, |h| put_f32(h, SCL_SLOPE, f32::NAN));
+    refused_everywhere(&raw, &plans, &victim, "scl_slope NaN");
+
+    // An infinite voxel in a float image: the file and the first bad voxel are named.
+    std::fs::write(&victim, &original).unwrap();
+    let mut v = io::read_image(&victim).unwrap();
+    v.data[[3, 4, 5]] = f32::INFINITY;
+    v.data[[7, 1, 2]] = f32::NAN;
+    io::write_volume(&victim, v.data.view(), &v.geometry).unwrap();
+    // The first in the file's own order (i fastest), as NIfTI tools index it.
+    let file = io::nifti::to_file_layout(v.data.view(), &v.geometry.orientation);
+    let (ni, nj, nk) = file.dim();
+    let first = (0..nk)
+        .flat_map(|k| (0..nj).flat_map(move |j| (0..ni).map(move |i| (i, j, k))))
+        .find(|&(i, j, k)| !file[[i, j, k]].is_finite())
+        .unwrap();
+    let value = file[[first.0, first.1, first.2]];
+    let e = io::read_image(&victim).unwrap_err().to_string();
+    assert!(e.contains("1 NaN and 1 infinite voxel(s)"), "{e}");
+    assert!(e.contains(&format!("first at voxel (i, j, k) = {first:?} of the file: {value}")), "{e}");
+    // predict reads through Case::load: the same refusal.
+    let case = cps3d::dataset::Case { id: "u".into(), images: vec![victim.clone()], label: None };
+    let e = case.load().err().expect("a case with an infinite voxel is refused").to_string();
+    assert!(e.contains(&victim.display().to_string()) && e.contains("infinite"), "{e}");
+    refused_everywhere(&raw, &plans, &victim, "1 NaN and 1 infinite voxel(s)");
+}
+
+/// An uncompressed NIfTI written from a tiny volume, then patched.
+fn patched_nii(dir: &Path, name: &str, patch: impl FnOnce(&mut [u8])) -> PathBuf {
+    let p = dir.join(name);
+    let g = Geometry::new_with_layout([4, 5, 6], [2.0, 1.0, 1.0], [0.0; 3], true);
+    let data = ndarray::Array3::<i16>::from_elem([4, 5, 6], 7);
+    io::write_volume(&p, data.view(), &g).unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    patch(&mut bytes[..348]);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn voxel_sizes_from_pixdim_alone_must_be_positive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_transform = |h: &mut [u8]| {
+        put_i16(h, QFORM_CODE, 0);
+        put_i16(h, SFORM_CODE, 0);
+    };
+    let ok = patched_nii(tmp.path(), "ok.nii", no_transform);
+    assert_eq!(io::read_header(&ok).unwrap().spacing(), [2.0, 1.0, 1.0]);
+    for (i, bad) in [0.0f32, -1.5, f32::NAN].into_iter().enumerate() {
+        let p = patched_nii(tmp.path(), &format!("bad{i}.nii"), |h| {
+            no_transform(h);
+            put_f32(h, PIXDIM + 4 * 2, bad);
+        });
+        for e in [io::read_header(&p).unwrap_err(), io::read_image(&p).unwrap_err()] {
+            let e = e.to_string();
+            assert!(e.contains(&p.display().to_string()) && e.contains("pixdim"), "{e}");
+            assert!(e.contains("no sform or qform"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn header_fields_are_checked_before_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    type Patch = Box<dyn Fn(&mut [u8])>;
+    let cases: Vec<(&str, Patch, &str)> = vec![
+        ("bitpix.nii", Box::new(|h| put_i16(h, BITPIX, 32)), "bitpix 32"),
+        ("datatype.nii", Box::new(|h| put_i16(h, DATATYPE, 1234)), "datatype"),
+        ("offset.nii", Box::new(|h| put_f32(h, VOX_OFFSET, 100.0)), "vox_offset"),
+        ("offset_nan.nii", Box::new(|h| put_f32(h, VOX_OFFSET, f32::NAN)), "vox_offset"),
+        ("dim.nii", Box::new(|h| put_i16(h, 42, -3)), "dim"),
+        ("long.nii", Box::new(|h| put_i16(h, 46, 400)), "truncated"),
+    ];
+    for (name, patch, needle) in cases {
+        let p = patched_nii(tmp.path(), name, patch);
+        let e = io::read_image(&p).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()) && e.contains(needle), "{name}: {e}");
+    }
+}
+
+#[test]
+fn an_images_unlabeled_that_is_no_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = dataset(tmp.path(), ".nii.gz");
+    let gone = tmp.path().join("gone");
+    type Make<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Make)> = vec![
+        ("a dangling symbolic link", Box::new(|iu| std::os::unix::fs::symlink(&gone, iu).unwrap())),
+        ("a regular file", Box::new(|iu| std::fs::write(iu, b"oops").unwrap())),
+    ];
+    for (what, make) in cases {
+        let d = tmp.path().join(what.replace(' ', "_"));
+        copy_dir(&raw, &d);
+        let iu = d.join("imagesUnlabeled");
+        std::fs::remove_dir_all(&iu).unwrap();
+        make(&iu);
+        let (ok, text) = run(&["dataset", "check", s(&d)]);
+        assert!(!ok, "{what}: {text}");
+        assert!(text.contains(&format!("{}: {what}", iu.display())), "{what}: {text}");
+        let (ok, text) = run(&["fingerprint", s(&d), "-o", s(&tmp.path().join("fp.json"))]);
+        assert!(!ok && text.contains(what), "{what}: {text}");
+    }
+}
+
+#[test]
+fn a_non_utf8_file_name_is_reported_as_such() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = dataset(tmp.path(), ".nii.gz");
+    let good = raw.join("imagesUnlabeled/unlabeled_00000_0000.nii.gz");
+    let odd = raw.join("imagesUnlabeled").join(std::ffi::OsStr::from_bytes(b"caf\xe9_0000.nii.gz"));
+    std::fs::copy(&good, &odd).unwrap();
+    let (ok, text) = run(&["dataset", "check", s(&raw)]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("caf\u{FFFD}_0000.nii.gz: file name is not valid UTF-8"), "{text}");
+    assert!(!text.contains("not found"), "{text}");
+}
+
+#[test]
+fn write_errors_say_cannot_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let enospc = cps3d::error::Error::write("out/plans.json", std::io::Error::from_raw_os_error(28));
+    assert_eq!(enospc.to_string(), "out/plans.json: cannot write: No space left on device (os error 28)");
+
+    // The NIfTI writer and the atomic JSON writer, into a folder that does not exist.
+    let missing = tmp.path().join("no/such/folder");
+    let g = Geometry::new_with_layout([2, 2, 2], [1.0; 3], [0.0; 3], true);
+    let p = missing.join("x.nii.gz");
+    let e = io::write_volume(&p, ndarray::Array3::<u8>::zeros([2, 2, 2]).view(), &g).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}: cannot write: ", p.display())), "{e}");
+    let p = missing.join("x.json");
+    let e = cps3d::util::write_json_atomic(&p, &[1, 2]).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}: cannot write: ", p.display())), "{e}");
+
+    // A full disk, as the file size limit gives it (EFBIG instead of ENOSPC), end to end: the
+    // signal it would send is ignored, so the write itself fails.
+    let limit = Some("trap '' XFSZ; ulimit -f 1;");
+    let out = tmp.path().join("synth");
+    let (ok, text) =
+        run_guarded(&["synth", s(&out), "--labeled", "1", "--unlabeled", "0", "--shape", "8,16,16"], limit);
+    assert!(!ok, "{text}");
+    assert!(text.contains("cannot write") && text.contains("File too large"), "{text}");
+    assert!(!text.contains("cannot read"), "{text}");
+    let raw = dataset(tmp.path(), ".nii.gz");
+    let fp = tmp.path().join("fp.json");
+    let (ok, text) = run_guarded(&["fingerprint", s(&raw), "-o", s(&fp)], limit);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&format!("{}: cannot write: File too large", fp.display())), "{text}");
+}
+
+/// Runs `verify` on a copy of `shards` broken by `breakage`.
+fn verify_broken(shards: &Path, dest: &Path, breakage: impl FnOnce(&Path)) -> (bool, String) {
+    copy_dir(shards, dest);
+    breakage(dest);
+    run(&["verify", s(dest)])
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn verify_checks_shards_against_the_manifest_and_the_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg =
+        cps3d::synth::SynthConfig { labeled: 2, unlabeled: 1, shape: [12, 24, 24], seed: 4, ..Default::default() };
+    let shards = common::preprocessed(tmp.path(), cfg, &["--patch-size", "8,16,16"]);
+    let (ok, text) = run(&["verify", s(&shards)]);
+    assert!(ok, "{text}");
+    assert!(text.contains("3 shard(s) checked, 0 bad"), "{text}");
+    assert!(text.contains("manifest.json: 3 case(s)"), "{text}");
+
+    // A symlink loop inside: the walk ends and counts each shard once.
+    let (ok, text) = verify_broken(&shards, &tmp.path().join("loop"), |d| {
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::os::unix::fs::symlink(".", d.join("sub/again")).unwrap();
+        std::os::unix::fs::symlink("..", d.join("sub/up")).unwrap();
+    });
+    assert!(ok && text.contains("3 shard(s) checked, 0 bad"), "{text}");
+
+    let (ok, text) = verify_broken(&shards, &tmp.path().join("extra"), |d| {
+        std::fs::copy(d.join("phantom_0000.shard"), d.join("stray.shard")).unwrap();
+    });
+    assert!(!ok, "{text}");
+    assert!(text.contains("stray.shard: not listed in manifest.json"), "{text}");
+
+    let (ok, text) = verify_broken(&shards, &tmp.path().join("missing"), |d| {
+        std::fs::remove_file(d.join("phantom_0001.shard")).unwrap();
+    });
+    assert!(!ok, "{text}");
+    assert!(text.contains("phantom_0001.shard: missing: manifest.json lists case \"phantom_0001\""), "{text}");
+
+    let (ok, text) = verify_broken(&shards, &tmp.path().join("shape"), |d| {
+        edit_json(&d.join("manifest.json"), |m| m["cases"][0]["shape"] = serde_json::json!([1, 2, 3]));
+    });
+    assert!(!ok, "{text}");
+    assert!(text.contains("phantom_0000.shard: shape") && text.contains("manifest.json says [1, 2, 3]"), "{text}");
+
+    // Another plan's spacing (as a second preprocess run with another plan leaves it).
+    let (ok, text) = verify_broken(&shards, &tmp.path().join("spacing"), |d| {
+        edit_json(&d.join("plans.json"), |p| {
+            p["configurations"]["3d_fullres"]["spacing"] = serde_json::json!([9.0, 9.0, 9.0])
+        });
+        edit_json(&d.join("manifest.json"), |m| m["spacing"] = serde_json::json!([9.0, 9.0, 9.0]));
+    });
+    assert!(!ok, "{text}");
+    assert!(text.contains("phantom_0000.shard: made for target spacing"), "{text}");
+
+    let (ok, text) = verify_broken(&shards, &tmp.path().join("plan"), |d| {
+        edit_json(&d.join("plans.json"), |p| {
+            p["configurations"]["3d_fullres"]["spacing"] = serde_json::json!([9.0, 9.0, 9.0])
+        });
+    });
+    assert!(!ok, "{text}");
+    assert!(text.contains("plans.json: configuration 3d_fullres has spacing [9.0, 9.0, 9.0]"), "{text}");
+}
