@@ -14,20 +14,20 @@ pub struct DataPathArgs {
     /// Shard folder from `cps3d preprocess` (with manifest.json and plans.json).
     pub shards: PathBuf,
     /// Loader workers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::workers, allow_negative_numbers = true)]
     pub loaders: usize,
     /// Augmenter workers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::workers, allow_negative_numbers = true)]
     pub augmenters: usize,
     /// Batcher workers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::workers, allow_negative_numbers = true)]
     pub batchers: usize,
     /// Queue capacities in items: raw samples, augmented samples, batches per consumer.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::between(1, MAX_QUEUE), allow_negative_numbers = true)]
     pub raw_queue: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::between(1, MAX_QUEUE), allow_negative_numbers = true)]
     pub augmented_queue: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::between(1, MAX_QUEUE), allow_negative_numbers = true)]
     pub batch_queue: usize,
     /// Patch Z,Y,X (default: the plan's).
     #[arg(long)]
@@ -41,20 +41,51 @@ pub struct DataPathArgs {
     #[arg(long)]
     pub no_augment: bool,
     /// Consumers that each receive every batch (2 = the two CPS trainers).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::between(1, 64), allow_negative_numbers = true)]
     pub consumers: usize,
     /// Shards each loader keeps mapped.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::between(1, 4096), allow_negative_numbers = true)]
     pub open_shards: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-/// Builds the data-path configuration from a shard folder and the options.
+/// Queue capacities are allocated up front (crossbeam's bounded channels).
+const MAX_QUEUE: usize = 4096;
+
+/// Builds the data-path configuration from a shard folder and the options, refusing
+/// one whose buffers cannot fit in memory.
 pub fn datapath_config(a: &DataPathArgs) -> Result<DataPathConfig> {
     let knobs = a.knobs();
-    cps3d::training::data::datapath_config(&a.shards, &knobs)
-        .with_context(|| format!("{} (a shard folder from `cps3d preprocess`)", a.shards.display()))
+    let cfg = cps3d::training::data::datapath_config(&a.shards, &knobs)
+        .with_context(|| format!("{} (a shard folder from `cps3d preprocess`)", a.shards.display()))?;
+    check_datapath_memory(&cfg)?;
+    Ok(cfg)
+}
+
+/// Refuses a data path that would outgrow memory (`bench --labeled 100000` grew to
+/// 24 GB and was killed), with the numbers.
+pub fn check_datapath_memory(cfg: &DataPathConfig) -> Result<()> {
+    let what = format!(
+        "the data path (patch {:?}, batches of {}+{} samples, {} loader(s), {} augmenter(s), {} batcher(s), \
+         queues {}/{}/{}, {} consumer(s))",
+        cfg.patch,
+        cfg.labeled_batch,
+        cfg.unlabeled_batch,
+        cfg.loaders,
+        cfg.augmenters,
+        cfg.batchers,
+        cfg.raw_queue,
+        cfg.augmented_queue,
+        cfg.batch_queue,
+        cfg.consumers
+    );
+    cps3d::planning::plan::check_memory(
+        cps3d::training::data::datapath_bytes(cfg),
+        &what,
+        "use a smaller --patch, --labeled/--unlabeled, fewer workers or shorter queues",
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 impl DataPathArgs {
@@ -106,7 +137,7 @@ pub fn run_bench(cfg: DataPathConfig, warmup: usize, batches: usize) -> Result<B
     let augmentation = cfg.augmentation != AugmentConfig::none();
     let (l, a, b) = (cfg.loaders, cfg.augmenters, cfg.batchers);
     let queue_bound_mb = cfg.queue_bytes() as f64 / 1e6;
-    let mut dp = DataPath::start(cfg).map_err(anyhow::Error::msg)?;
+    let mut dp = super::no_panic("starting the data path", || DataPath::start(cfg).map_err(anyhow::Error::msg))?;
     let take = |dp: &DataPath| -> Result<()> {
         for c in 0..consumers {
             if dp.next(c, Duration::from_secs(600)).is_none() {
@@ -152,7 +183,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub path: DataPathArgs,
     /// Batches to time (after 2 warm-up batches).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = super::positive, allow_negative_numbers = true)]
     pub batches: usize,
     /// Print the report as JSON.
     #[arg(long)]
@@ -205,9 +236,10 @@ pub struct TuneArgs {
     pub path: DataPathArgs,
     /// Cores the data path may use (default: all).
     #[arg(long, default_value_t = super::default_workers())]
+    #[arg(value_parser = super::workers, allow_negative_numbers = true)]
     pub cores: usize,
     /// Batches timed per configuration.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::positive, allow_negative_numbers = true)]
     pub batches: usize,
     #[arg(long)]
     pub json: bool,

@@ -14,6 +14,7 @@ pub enum DatasetCommand {
         dir: PathBuf,
         /// Worker threads (one case in memory per worker).
         #[arg(short = 'j', long, default_value_t = super::default_workers())]
+        #[arg(value_parser = super::workers, allow_negative_numbers = true)]
         workers: usize,
     },
 }

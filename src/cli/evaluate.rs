@@ -20,6 +20,7 @@ pub struct EvaluateArgs {
     out: Option<PathBuf>,
     /// Parallel cases (each holds two label maps in memory).
     #[arg(short = 'j', long, default_value_t = super::default_workers())]
+    #[arg(value_parser = super::workers, allow_negative_numbers = true)]
     workers: usize,
 }
 
@@ -44,7 +45,7 @@ pub fn evaluate_folders(pred: &Path, reference: &Path, workers: usize) -> Result
         tracing::warn!("{unscored} reference case(s) in {} have no prediction and are not scored", reference.display());
     }
     let pb = progress::bar(jobs.len() as u64, "evaluate");
-    let (cases, failed) = score_pairs(&jobs, workers, || pb.inc(1));
+    let (cases, failed) = super::no_panic("evaluate", || Ok(score_pairs(&jobs, workers, || pb.inc(1))))?;
     pb.finish_and_clear();
     problems.extend(failed);
     Ok((cases, problems))

@@ -8,7 +8,7 @@ pub struct ExportArgs {
     /// A run folder from `cps3d train`.
     run: PathBuf,
     /// Which checkpoint: latest, best or final.
-    #[arg(long, default_value = "best")]
+    #[arg(long, default_value = "best", value_parser = super::predict::CHECKPOINTS)]
     checkpoint: String,
     /// Output folder: net0.safetensors, net1.safetensors (weights only) and plans.json; with
     /// --nnunet an nnU-Net v2 trained-model folder.
@@ -25,6 +25,10 @@ pub struct ExportArgs {
 /// network, no optimizer state) that `safetensors.torch.load_file` reads.
 pub fn run(a: ExportArgs) -> Result<()> {
     let dir = cps3d::inference::checkpoint_dir(&a.run, &a.checkpoint)?;
+    let plans = dir.join("plans.json");
+    if !plans.is_file() {
+        anyhow::bail!("{}: missing: the checkpoint's plan, which every export needs", plans.display());
+    }
     if a.nnunet {
         let n = cps3d::interop::nnunet::export_model_folder(&dir, &a.out)
             .with_context(|| format!("exporting {} as an nnU-Net model folder", dir.display()))?;
@@ -53,7 +57,8 @@ pub fn run(a: ExportArgs) -> Result<()> {
         println!("{}: {} tensors", dst.display(), weights.len());
         written += 1;
     }
-    std::fs::copy(dir.join("plans.json"), a.out.join("plans.json")).context("copying plans.json")?;
+    let copy = a.out.join("plans.json");
+    std::fs::copy(&plans, &copy).with_context(|| format!("copying {} to {}", plans.display(), copy.display()))?;
     anyhow::ensure!(written > 0, "{}: no network weights found", dir.display());
     Ok(())
 }

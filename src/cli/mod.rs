@@ -134,7 +134,7 @@ pub(crate) fn parse_list<T: std::str::FromStr>(s: &str, n: usize) -> Result<Vec<
     parts.iter().map(|p| p.parse::<T>().map_err(|_| format!("\"{p}\" is not a valid number"))).collect()
 }
 
-/// Three whole numbers, Z,Y,X.
+/// Three whole numbers, Z,Y,X, each at least 1 (patches, shapes, bricks).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Zyx(pub [usize; 3]);
 
@@ -142,6 +142,9 @@ impl std::str::FromStr for Zyx {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let v = parse_list::<usize>(s, 3)?;
+        if v.contains(&0) {
+            return Err(format!("Z,Y,X must each be at least 1, got \"{s}\""));
+        }
         Ok(Zyx([v[0], v[1], v[2]]))
     }
 }
@@ -160,6 +163,63 @@ impl std::str::FromStr for MinMax {
 
 pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The most worker threads one pool may start: beyond 64 per core they only cost
+/// memory, and tens of thousands fail to spawn.
+pub(crate) fn max_workers() -> usize {
+    (64 * default_workers()).min(1024)
+}
+
+/// Value parser for worker counts (`-j`, actor counts, `--cores`): 1..=max_workers().
+pub(crate) fn workers(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|_| format!("\"{s}\" is not a whole number"))?;
+    let max = max_workers();
+    if n == 0 || n > max {
+        return Err(format!(
+            "{n} is not in 1..={max}: at least 1, at most 64 per core ({} cores here) and 1024 in all",
+            default_workers()
+        ));
+    }
+    Ok(n)
+}
+
+/// Value parser for a whole number in `lo..=hi`.
+pub(crate) fn between(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let n: usize = s.trim().parse().map_err(|_| format!("\"{s}\" is not a whole number"))?;
+        if n < lo || n > hi {
+            return Err(format!("{n} is not in {lo}..={hi}"));
+        }
+        Ok(n)
+    }
+}
+
+/// Value parser for counts that must be at least 1 (epochs, iterations, features).
+pub(crate) fn positive(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|_| format!("\"{s}\" is not a whole number"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+/// Value parser for a positive, finite real number (spacings, memory sizes).
+pub(crate) fn positive_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("\"{s}\" is not a number"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("{s} must be positive and finite"));
+    }
+    Ok(v)
+}
+
+/// Runs `f`, turning a panic into an error that names `what`: a pool whose threads
+/// cannot be spawned panics inside std, and the user should get a message instead.
+pub(crate) fn no_panic<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = cps3d_actors::pool::panic_message(p.as_ref());
+        Err(anyhow::anyhow!("{what} stopped: {msg} (if threads could not be spawned, use fewer workers)"))
+    })
 }
 
 /// The device named on the command line, else the first GPU when there is one, else the CPU.

@@ -5,7 +5,7 @@ use clap::Args;
 
 use super::{progress, Zyx};
 use cps3d::planning::fingerprint::{fingerprint_dataset, Fingerprint};
-use cps3d::planning::plan::{plan, PlanOverrides, Plans};
+use cps3d::planning::plan::{check_preprocess_memory, plan, PlanOverrides, Plans};
 
 #[derive(Args, Debug)]
 pub struct FingerprintArgs {
@@ -16,6 +16,7 @@ pub struct FingerprintArgs {
     out: PathBuf,
     /// Worker threads (one scan in memory per worker).
     #[arg(short = 'j', long, default_value_t = super::default_workers())]
+    #[arg(value_parser = super::workers, allow_negative_numbers = true)]
     workers: usize,
 }
 
@@ -55,7 +56,7 @@ fn print_fingerprint(fp: &Fingerprint) {
     }
 }
 
-/// A comma-separated list of whole numbers.
+/// A comma-separated list of whole numbers, each at least 1 (features per stage).
 #[derive(Debug, Clone)]
 pub struct List(pub Vec<usize>);
 
@@ -63,13 +64,17 @@ impl std::str::FromStr for List {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         s.split(',')
-            .map(|p| p.trim().parse::<usize>().map_err(|_| format!("\"{p}\" is not a whole number")))
+            .map(|p| match p.trim().parse::<usize>() {
+                Ok(0) => Err(format!("every entry must be at least 1, got \"{s}\"")),
+                Ok(n) => Ok(n),
+                Err(_) => Err(format!("\"{p}\" is not a whole number")),
+            })
             .collect::<Result<_, _>>()
             .map(List)
     }
 }
 
-/// Y,X.
+/// Y,X, each at least 1.
 #[derive(Debug, Clone, Copy)]
 pub struct Yx(pub [usize; 2]);
 
@@ -77,11 +82,14 @@ impl std::str::FromStr for Yx {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let v = super::parse_list::<usize>(s, 2)?;
+        if v.contains(&0) {
+            return Err(format!("Y,X must each be at least 1, got \"{s}\""));
+        }
         Ok(Yx([v[0], v[1]]))
     }
 }
 
-/// Z,Y,X in mm.
+/// Z,Y,X in mm, each positive and finite.
 #[derive(Debug, Clone, Copy)]
 pub struct SpacingZyx(pub [f64; 3]);
 
@@ -89,6 +97,9 @@ impl std::str::FromStr for SpacingZyx {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let v = super::parse_list::<f64>(s, 3)?;
+        if v.iter().any(|&x| !(x > 0.0 && x.is_finite())) {
+            return Err(format!("Z,Y,X must each be positive and finite (mm), got \"{s}\""));
+        }
         Ok(SpacingZyx([v[0], v[1], v[2]]))
     }
 }
@@ -101,7 +112,7 @@ pub struct PlanArgs {
     #[arg(short, long, default_value = "plans.json")]
     out: PathBuf,
     /// Target spacing Z,Y,X in mm (default: nnU-Net's rule on the fingerprint).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     target_spacing: Option<SpacingZyx>,
     /// 3D patch Z,Y,X (padded up to what the pooling needs; no memory-driven shrinking).
     #[arg(long)]
@@ -116,28 +127,28 @@ pub struct PlanArgs {
     #[arg(long)]
     features_2d: Option<List>,
     /// Features of the first stage (doubling per stage up to the maximum).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
     base_features: Option<usize>,
     /// Maximum 3D features per stage (nnU-Net: 320).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
     max_features: Option<usize>,
     /// Maximum 2D features per stage (nnU-Net v2: 512; v1 and the paper: 480).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
     max_features_2d: Option<usize>,
     /// GPU memory target in GB for patch and batch size (nnU-Net: 8).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive_f64, allow_negative_numbers = true)]
     gpu_memory: Option<f64>,
     /// Normalise with labeled-foreground statistics (nnU-Net) instead of all voxels (3D-CPS).
     #[arg(long)]
     foreground_stats: bool,
     /// Training epochs (default 1000).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
     epochs: Option<usize>,
     /// Iterations per epoch (default 250).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
     iterations: Option<usize>,
     /// Epochs over which λ rises from 0 to 0.5 (default: a tenth of the epochs).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
     lambda_ramp_epochs: Option<usize>,
     /// λ = 0.5 from the start (the authors' code) instead of the paper's ramp.
     #[arg(long)]
@@ -171,6 +182,9 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         no_augmentation: a.no_augmentation,
     };
     let plans = plan(&fp, &o).with_context(|| format!("planning from {}", a.fingerprint.display()))?;
+    // A plan whose median case cannot be preprocessed here would abort `preprocess`.
+    check_preprocess_memory(&plans, &plans.cps.configuration, None, 1)
+        .map_err(|e| anyhow::anyhow!("planning from {}: {e}", a.fingerprint.display()))?;
     plans.write(&a.out)?;
     print_plans(&plans);
     println!("wrote {}", a.out.display());

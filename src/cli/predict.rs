@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::progress;
 use cps3d::dataset::Case;
-use cps3d::inference::{predict_case, ForcedSpacing, Model, PredictOptions};
+use cps3d::inference::{check_options, predict_case, ForcedSpacing, Model, PredictOptions};
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
@@ -21,13 +21,13 @@ pub struct PredictArgs {
     #[arg(short, long, required = true)]
     model: Vec<PathBuf>,
     /// Which checkpoint: best, final or latest.
-    #[arg(long, default_value = "best")]
+    #[arg(long, default_value = "best", value_parser = CHECKPOINTS)]
     checkpoint: String,
     /// Forced spacing: "paper" (0.75 mm in-plane, 0.5 mm z), "authors" (1, 1.5) or XY,Z in mm.
-    #[arg(long)]
-    forced_spacing: Option<String>,
-    /// Sliding-window step as a fraction of the tile.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, value_parser = forced, allow_hyphen_values = true)]
+    forced_spacing: Option<ForcedSpacing>,
+    /// Sliding-window step as a fraction of the tile, in (0, 1] (nnU-Net's rule).
+    #[arg(long, default_value_t = 0.7, value_parser = step, allow_hyphen_values = true)]
     step: f64,
     /// Mirroring test-time augmentation (8 flips).
     #[arg(long)]
@@ -47,15 +47,42 @@ pub struct PredictArgs {
     device: Option<String>,
 }
 
-fn forced(s: &str) -> Result<ForcedSpacing> {
+/// The checkpoint pointers a run folder has (`best.json`, ...).
+pub(crate) const CHECKPOINTS: [&str; 3] = ["best", "final", "latest"];
+
+fn forced(s: &str) -> Result<ForcedSpacing, String> {
     Ok(match s {
         "paper" => ForcedSpacing::PAPER,
         "authors" => ForcedSpacing::AUTHORS,
         _ => {
-            let v = super::parse_list::<f64>(s, 2).map_err(anyhow::Error::msg)?;
+            let v = super::parse_list::<f64>(s, 2)
+                .map_err(|e| format!("expected \"paper\", \"authors\" or XY,Z in mm: {e}"))?;
+            if v.iter().any(|&x| !(x > 0.0 && x.is_finite())) {
+                return Err(format!("XY,Z must each be positive and finite (mm), got \"{s}\""));
+            }
             ForcedSpacing { xy: v[0], z: v[1] }
         }
     })
+}
+
+/// 0 or a tiny step never finishes, above 1 leaves gaps between tiles, NaN and inf
+/// broke the tiling: nnU-Net asserts 0 < step <= 1 too.
+fn step(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("\"{s}\" is not a number"))?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(format!("{s} is not in (0, 1] (a fraction of the tile)"));
+    }
+    Ok(v)
+}
+
+/// Creates the output folder and writes and removes a file in it, so that an
+/// unwritable output fails before any case is computed.
+pub(crate) fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+    let probe = dir.join(format!(".cps3d-write-test-{}", std::process::id()));
+    let written = std::fs::write(&probe, b"probe");
+    let _ = std::fs::remove_file(&probe);
+    written.with_context(|| format!("{}: output folder not writable", dir.display()))
 }
 
 /// Cases of an input file or folder: channel files grouped by case id.
@@ -88,10 +115,11 @@ fn cases(input: &Path) -> Result<Vec<Case>> {
 }
 
 pub fn run(a: PredictArgs) -> Result<()> {
+    check_writable(&a.out)?;
     let device = super::device_or_default(a.device.as_deref())?;
     let opts = PredictOptions {
         checkpoint: a.checkpoint.clone(),
-        forced_spacing: a.forced_spacing.as_deref().map(forced).transpose()?,
+        forced_spacing: a.forced_spacing,
         step: a.step,
         mirror: a.tta,
         ensemble: !a.no_ensemble,
@@ -103,7 +131,9 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let names: Vec<String> = a.model.iter().map(|m| m.display().to_string()).collect();
     let model = Model::load_many(&a.model, &opts.checkpoint, device, opts.ensemble)
         .with_context(|| format!("loading {}", names.join(", ")))?;
-    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    // Options that do not suit this model (a step below one voxel of its tile) fail
+    // here, not once per case.
+    check_options(&model, &opts)?;
     if a.save_probabilities {
         // nnUNetv2_ensemble reads these two from every folder it combines, as nnU-Net's
         // predictor leaves them beside its outputs.

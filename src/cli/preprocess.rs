@@ -22,6 +22,7 @@ pub struct PreprocessArgs {
     configuration: String,
     /// Worker threads (one scan in memory per worker).
     #[arg(short = 'j', long, default_value_t = super::default_workers())]
+    #[arg(value_parser = super::workers, allow_negative_numbers = true)]
     workers: usize,
     /// Redo cases whose shard already exists.
     #[arg(long)]
@@ -30,7 +31,7 @@ pub struct PreprocessArgs {
     #[arg(long)]
     brick: Option<Zyx>,
     /// zstd level of the shards.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(-131072..=22), allow_negative_numbers = true)]
     zstd_level: Option<i32>,
 }
 
@@ -49,13 +50,16 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
         opts.zstd_level = l;
     }
     let total = cps3d::dataset::RawDataset::open(&a.dataset).map(|d| d.cases().count()).unwrap_or(0);
+    check_memory(&a, &plans, total)?;
     let pb = progress::bar(total as u64, "preprocess");
-    let summary = preprocess_dataset(&a.dataset, &plans, &a.out, &opts, |id, ok| {
-        if !ok {
-            tracing::warn!("failed: {id}");
-        }
-        pb.set_message(id.to_string());
-        pb.inc(1);
+    let summary = super::no_panic("preprocess", || {
+        Ok(preprocess_dataset(&a.dataset, &plans, &a.out, &opts, |id, ok| {
+            if !ok {
+                tracing::warn!("failed: {id}");
+            }
+            pb.set_message(id.to_string());
+            pb.inc(1);
+        })?)
     })
     .with_context(|| format!("preprocessing {} into {}", a.dataset.display(), a.out.display()))?;
     pb.finish_and_clear();
@@ -78,4 +82,18 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
         bail!("{} case(s) failed; the others are in {}", summary.failed.len(), a.out.display());
     }
     Ok(())
+}
+
+/// Refuses up front what one case per worker would not fit in memory: a case that
+/// does not fit aborts the process allocating, losing the other workers' cases. The
+/// largest cases come from `fingerprint.json` beside the plan when it describes this
+/// dataset, else the plan's median case stands for all.
+fn check_memory(a: &PreprocessArgs, plans: &Plans, cases: usize) -> Result<()> {
+    let fp_path = a.plans.with_file_name("fingerprint.json");
+    let fp = cps3d::planning::fingerprint::Fingerprint::read(&fp_path)
+        .ok()
+        .filter(|fp| fp.dataset_root == plans.dataset_root && fp.cases.len() == cases);
+    let workers = a.workers.min(cases.max(1));
+    cps3d::planning::plan::check_preprocess_memory(plans, &a.configuration, fp.as_ref(), workers)
+        .map_err(|e| anyhow::anyhow!("{} (plan {}): {e}", a.dataset.display(), a.plans.display()))
 }

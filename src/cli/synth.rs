@@ -11,7 +11,7 @@ pub struct SynthArgs {
     /// Output dataset folder (created; existing complete cases are kept).
     out: PathBuf,
     /// Labeled cases (imagesTr + labelsTr).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::positive, allow_negative_numbers = true)]
     labeled: usize,
     /// Unlabeled cases (imagesUnlabeled).
     #[arg(long, default_value_t = 4)]
@@ -30,6 +30,7 @@ pub struct SynthArgs {
     seed: u64,
     /// Worker threads (one scan in memory per worker).
     #[arg(short = 'j', long, default_value_t = super::default_workers())]
+    #[arg(value_parser = super::workers, allow_negative_numbers = true)]
     workers: usize,
     /// gzip level for .nii.gz output (1 fastest, 9 smallest).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=9))]

@@ -85,6 +85,10 @@ impl Default for PredictOptions {
 /// The folder of a run's checkpoint (`RUN/{name}.json` points at it), or the folder
 /// itself when it holds networks (an `export` folder or a checkpoint folder).
 pub fn checkpoint_dir(run: &Path, name: &str) -> Result<PathBuf> {
+    const POINTERS: [&str; 3] = ["best", "final", "latest"];
+    if !POINTERS.contains(&name) {
+        return Err(Error::invalid(run, format!("unknown checkpoint {name:?}: best, final or latest")));
+    }
     let pointer = run.join(format!("{name}.json"));
     match std::fs::read_to_string(&pointer) {
         Ok(t) => {
@@ -95,10 +99,24 @@ pub fn checkpoint_dir(run: &Path, name: &str) -> Result<PathBuf> {
             Ok(run.join(rel))
         }
         Err(_) if run.join("net0.safetensors").exists() => Ok(run.to_path_buf()),
-        Err(_) => Err(Error::invalid(
-            run,
-            format!("no {name}.json (a run folder from `cps3d train`) and no net0.safetensors (an export folder)"),
-        )),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&pointer, e)),
+        Err(_) if !run.is_dir() => Err(Error::invalid(run, "no such folder (a run from `cps3d train` or an export)")),
+        Err(_) => {
+            let have: Vec<String> =
+                POINTERS.iter().map(|p| format!("{p}.json")).filter(|p| run.join(p).is_file()).collect();
+            Err(Error::invalid(
+                run,
+                if have.is_empty() {
+                    format!(
+                        "no {name}.json: neither a run folder from `cps3d train` (best.json, final.json, latest.json) \
+                         nor an export folder (net0.safetensors)"
+                    )
+                } else {
+                    // final.json appears only when training has finished.
+                    format!("no {name}.json; this run has {}: choose --checkpoint accordingly", have.join(", "))
+                },
+            ))
+        }
     }
 }
 
@@ -123,11 +141,12 @@ impl Model {
         let mut model: Option<Model> = None;
         for run in runs {
             let dir = checkpoint_dir(run, checkpoint)?;
-            let plans = Plans::read(&dir.join("plans.json")).or_else(|_| Plans::read(&run.join("plans.json")))?;
+            let plans_path =
+                if dir.join("plans.json").is_file() { dir.join("plans.json") } else { run.join("plans.json") };
+            let plans = Plans::read(&plans_path)?;
+            check_plans(&plans, &plans_path)?;
             let configuration = plans.cps.configuration.clone();
-            let conf = plans
-                .configuration(&configuration)
-                .ok_or_else(|| Error::invalid(run.join("plans.json"), format!("no configuration {configuration}")))?;
+            let conf = plans.configuration(&configuration).expect("checked");
             if let Some(m) = &model {
                 let first = m.plans.configuration(&m.configuration).expect("checked");
                 let same = first.spacing == conf.spacing
@@ -176,10 +195,9 @@ impl Model {
     /// sibling alone.
     pub fn load_single(dir: &Path, name: &str, device: Device) -> Result<Model> {
         let plans = Plans::read(&dir.join("plans.json"))?;
+        check_plans(&plans, &dir.join("plans.json"))?;
         let configuration = plans.cps.configuration.clone();
-        let conf = plans
-            .configuration(&configuration)
-            .ok_or_else(|| Error::invalid(dir.join("plans.json"), format!("no configuration {configuration}")))?;
+        let conf = plans.configuration(&configuration).expect("checked");
         let mut spec = conf.network.clone();
         spec.input_channels = plans.channels.len();
         spec.deep_supervision = false;
@@ -225,6 +243,121 @@ impl Model {
     }
 }
 
+/// What inference needs of a plan (a file a user can edit): its configuration, a 3D
+/// spacing and patch, one normalisation per channel, and a network that builds and
+/// runs on the patch (else torch panics mid-prediction).
+fn check_plans(plans: &Plans, path: &Path) -> Result<()> {
+    let bad = |m: String| Err(Error::invalid(path, m));
+    let name = &plans.cps.configuration;
+    let Some(conf) = plans.configuration(name) else {
+        return bad(format!("no configuration {name} (cps.configuration)"));
+    };
+    if conf.spacing.len() != 3 || conf.spacing.iter().any(|&s| !(s > 0.0 && s.is_finite())) {
+        return bad(format!("{name}: spacing {:?}: inference needs 3 positive, finite values", conf.spacing));
+    }
+    if conf.patch_size.len() != 3 || conf.patch_size.contains(&0) {
+        return bad(format!("{name}: patch_size {:?}: inference needs 3 sizes, each at least 1", conf.patch_size));
+    }
+    if plans.channels.is_empty() || plans.normalization.len() != plans.channels.len() {
+        return bad(format!(
+            "{} channel(s) but {} normalization entries: one per channel",
+            plans.channels.len(),
+            plans.normalization.len()
+        ));
+    }
+    if plans.normalization.iter().any(|n| !(n.std.is_finite() && n.mean.is_finite())) {
+        return bad("normalization mean/std must be finite".into());
+    }
+    if conf.network.num_classes != plans.num_classes || plans.num_classes < 2 {
+        return bad(format!(
+            "num_classes {} but {name}'s network has {} outputs (at least 2, and the same)",
+            plans.num_classes, conf.network.num_classes
+        ));
+    }
+    let mut spec = conf.network.clone();
+    spec.input_channels = plans.channels.len();
+    spec.check(&conf.patch_size).map_err(|e| Error::invalid(path, format!("{name}: {e}")))?;
+    conf.resampling.check().map_err(|e| Error::invalid(path, format!("{name}: {e}")))?;
+    // The network's float32 weights and the file's copy of them, per network.
+    let params = spec.count_parameters() as f64;
+    crate::planning::plan::check_memory(
+        params * 8.0,
+        &format!("{name}'s network ({params:.0} parameters)"),
+        "check its features_per_stage",
+    )
+    .map_err(|e| Error::invalid(path, e))
+}
+
+/// Refuses options that cannot give a sensible prediction with this model, before
+/// any case is computed.
+pub fn check_options(model: &Model, opts: &PredictOptions) -> Result<()> {
+    let s = opts.step;
+    if !(s > 0.0 && s <= 1.0) {
+        return Err(Error::invalid("--step", format!("{s} is not in (0, 1] (a fraction of the tile)")));
+    }
+    let conf = model.plans.configuration(&model.configuration).expect("checked at load");
+    let smallest = conf.patch_size.iter().copied().min().unwrap_or(1).max(1);
+    // Below one voxel the same tiles are computed over and over, without end.
+    if s * (smallest as f64) < 1.0 {
+        return Err(Error::invalid(
+            "--step",
+            format!(
+                "{s} moves the {:?} tile by less than one voxel; use at least {}",
+                conf.patch_size,
+                1.0 / smallest as f64
+            ),
+        ));
+    }
+    if let Some(f) = opts.forced_spacing {
+        if !(f.xy > 0.0 && f.xy.is_finite() && f.z > 0.0 && f.z.is_finite()) {
+            return Err(Error::invalid("--forced-spacing", format!("{},{}: must be positive and finite", f.xy, f.z)));
+        }
+    }
+    if opts.tiles_per_batch == 0 {
+        return Err(Error::invalid("tiles_per_batch", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Refuses a case whose channels do not match the plan, or whose network grid (from
+/// its header and the spacing) cannot fit in memory; reads headers only.
+fn check_case(model: &Model, case: &Case, opts: &PredictOptions) -> Result<()> {
+    let first = case.images.first().ok_or_else(|| Error::invalid(&case.id, "no image files"))?;
+    let channels = model.plans.channels.len();
+    if case.images.len() != channels {
+        return Err(Error::invalid(
+            first,
+            format!("case {} has {} channel file(s), the model's plan {channels}", case.id, case.images.len()),
+        ));
+    }
+    let header = crate::io::read_header(first)?;
+    let shape = header.shape();
+    let spacing = match opts.forced_spacing {
+        Some(f) => f.apply(header.spacing(), shape[0]),
+        None => header.spacing(),
+    };
+    let conf = model.plans.configuration(&model.configuration).expect("checked at load");
+    let target = [conf.spacing[0], conf.spacing[1], conf.spacing[2]];
+    // As compute_new_shape, in floating point: absurd spacings must not overflow.
+    let grid: Vec<f64> = (0..3).map(|a| (spacing[a] / target[a] * shape[a] as f64).round().max(1.0)).collect();
+    let (raw, net): (f64, f64) = (shape.iter().map(|&n| n as f64).product(), grid.iter().product());
+    let (c, k) = (channels as f64, model.plans.num_classes as f64);
+    // Channels as read and the label maps; the resampled, z-scored and tensor copies of
+    // the grid; the score and weight slabs (two tile heights of the grid's planes).
+    let slab = (2.0 * conf.patch_size[0] as f64).min(grid[0]) * grid[1] * grid[2];
+    let need = raw * (4.0 * c + 2.0) + net * 12.0 * c + slab * (k + 1.0) * 8.0;
+    let flag = if opts.forced_spacing.is_some() { "a coarser --forced-spacing" } else { "a coarser plan spacing" };
+    crate::planning::plan::check_memory(
+        need,
+        &format!(
+            "predicting {} ({:?} voxels at {:.3?} mm, a {:.0?} network grid at {:.3?} mm)",
+            case.id, shape, spacing, grid, target
+        ),
+        &format!("use {flag}"),
+    )
+    .map_err(|e| Error::invalid(first, e))
+}
+
 /// One network from a safetensors file (`model.`-prefixed names from a checkpoint, or
 /// bare names from an export); every tensor must be there.
 fn load_network(
@@ -238,22 +371,29 @@ fn load_network(
     let vars = vs.variables();
     let mut n = 0;
     for (name, t) in loaded {
-        if name.starts_with("momentum.") {
+        // Optimizer and loss-scaler state of a training checkpoint.
+        if name.starts_with("momentum.") || name.starts_with("scaler.") {
             continue;
         }
         let key = name.strip_prefix("model.").unwrap_or(&name);
-        let v = vars.get(key).ok_or_else(|| Error::invalid(path, format!("unknown tensor {name}")))?;
+        let v = vars
+            .get(key)
+            .ok_or_else(|| Error::invalid(path, format!("tensor {name} is not in plans.json's network")))?;
         if v.size() != t.size() {
             return Err(Error::invalid(
                 path,
-                format!("{name} has shape {:?}, the plan's network {:?}", t.size(), v.size()),
+                format!(
+                    "{name} has shape {:?}, plans.json's network {:?}: weights and plan differ",
+                    t.size(),
+                    v.size()
+                ),
             ));
         }
         tch::no_grad(|| v.shallow_clone().copy_(&t));
         n += 1;
     }
     if n != vars.len() {
-        return Err(Error::invalid(path, format!("holds {n} of the network's {} tensors", vars.len())));
+        return Err(Error::invalid(path, format!("holds {n} of the {} tensors of plans.json's network", vars.len())));
     }
     Ok((vs, net))
 }
@@ -270,6 +410,8 @@ pub struct CaseReport {
 /// Predicts one case (its channel files) and writes the label map to `out` (and,
 /// with `save_probabilities`, `CASE.npz` and `CASE.pkl` beside it).
 pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOptions) -> Result<CaseReport> {
+    check_options(model, opts)?;
+    check_case(model, case, opts)?;
     let start = std::time::Instant::now();
     let loaded = Case { label: None, ..case.clone() }.load()?;
     let geometry = loaded.geometry;

@@ -18,6 +18,8 @@ use tch::{Device, Kind, Tensor};
 /// evenly from 0 to `size − tile`, rounded half to even as numpy's `np.round`
 /// (nnU-Net's `compute_steps_for_sliding_window`).
 pub fn tile_starts(size: usize, tile: usize, step: f64) -> Vec<usize> {
+    // Callers validate (inference::check_options); 0 or NaN would never end.
+    assert!(step > 0.0 && step <= 1.0 && tile > 0, "sliding window: step {step} not in (0, 1] or tile {tile} empty");
     if size <= tile {
         return vec![0];
     }
@@ -74,6 +76,8 @@ pub fn sliding_window_slabs(
 ) {
     let size = volume.size();
     assert_eq!(size.len(), 4, "volume is [C, z, y, x]");
+    assert!(step > 0.0 && step <= 1.0, "sliding window: step {step} not in (0, 1]");
+    assert!(tile.iter().all(|&t| t > 0) && classes > 0, "sliding window: tile {tile:?} or {classes} classes");
     let shape = [size[1] as usize, size[2] as usize, size[3] as usize];
     let device = volume.device();
     let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(tile[a]));

@@ -417,6 +417,9 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
         gpu_memory_gb: gpu,
     })?;
     configurations.insert("2d".to_string(), c2);
+    for (name, c) in &configurations {
+        c.network.check(&c.patch_size).map_err(|e| Error::invalid("plans", format!("{name}: {e}")))?;
+    }
     let main = if configurations.contains_key("3d_fullres") { "3d_fullres" } else { "2d" };
     let batch = configurations[main].batch_size;
     let epochs = overrides.epochs.unwrap_or(1000);
@@ -464,6 +467,186 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
             cps3d_actors::augment::AugmentConfig::default()
         },
     })
+}
+
+/// Environment variable that replaces the memory the machine reports: bytes, or with a
+/// K, M, G, T or P suffix (powers of 1000); "off" turns the memory checks off.
+pub const MEMORY_ENV: &str = "CPS3D_MAX_MEMORY";
+
+/// Memory a command may plan to use, and where the number comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryBudget {
+    pub bytes: f64,
+    pub source: String,
+}
+
+/// `CPS3D_MAX_MEMORY` when set, else MemAvailable of /proc/meminfo lowered to the
+/// headroom under the cgroup's memory.max; `None` when checks are off or nothing is known.
+pub fn memory_budget() -> std::result::Result<Option<MemoryBudget>, String> {
+    if let Some(v) = std::env::var_os(MEMORY_ENV) {
+        let v = v.to_string_lossy().trim().to_string();
+        if v.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let bytes = parse_bytes(&v)
+            .ok_or_else(|| format!("{MEMORY_ENV}={v:?}: expected a size such as 64G, 512M or 1000000, or off"))?;
+        return Ok(Some(MemoryBudget { bytes, source: format!("{MEMORY_ENV}={v}") }));
+    }
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        let kb = t.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+        kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok().map(|kb| kb * 1024.0)
+    });
+    let cgroup = cgroup_headroom();
+    Ok(match (available, cgroup) {
+        (Some(a), Some(c)) if c < a => Some(MemoryBudget { bytes: c, source: "cgroup memory.max".into() }),
+        (Some(a), _) => Some(MemoryBudget { bytes: a, source: "MemAvailable in /proc/meminfo".into() }),
+        (None, Some(c)) => Some(MemoryBudget { bytes: c, source: "cgroup memory.max".into() }),
+        (None, None) => None,
+    })
+}
+
+/// memory.max − memory.current of this process's cgroup (v2), when limited.
+fn cgroup_headroom() -> Option<f64> {
+    let rel = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string()))?;
+    let dir = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok()?.trim().parse::<f64>().ok();
+    let max = read("memory.max")?; // "max" (no limit) does not parse
+    Some((max - read("memory.current").unwrap_or(0.0)).max(0.0))
+}
+
+/// "64G", "512M", "1.5T", "1000000" → bytes.
+fn parse_bytes(s: &str) -> Option<f64> {
+    let s = s.trim_end_matches(['B', 'b']);
+    let (num, unit) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, ' '),
+    };
+    let scale = match unit {
+        ' ' => 1.0,
+        'K' => 1e3,
+        'M' => 1e6,
+        'G' => 1e9,
+        'T' => 1e12,
+        'P' => 1e15,
+        _ => return None,
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    (v >= 0.0 && v.is_finite()).then_some(v * scale)
+}
+
+/// Bytes in decimal units, e.g. "24.3 GB".
+pub fn format_bytes(bytes: f64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1000.0 && u < units.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Refuses `need` bytes beyond the memory budget, with the numbers: `what` says what
+/// needs them, `hint` what to change.
+pub fn check_memory(need: f64, what: &str, hint: &str) -> std::result::Result<(), String> {
+    let Some(budget) = memory_budget()? else {
+        return Ok(());
+    };
+    if need <= budget.bytes {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} needs about {} of memory, more than the {} available ({}); {hint}, or set {MEMORY_ENV} \
+         (e.g. 64G, or off) to override",
+        format_bytes(need),
+        format_bytes(budget.bytes),
+        budget.source
+    ))
+}
+
+/// Peak bytes of preprocessing one case of `raw` voxels (before cropping) resampled to
+/// `new` voxels: float32 channels and uint8 labels as read, then per channel the
+/// float32 output and about as much again in the separable resampling's intermediates,
+/// and the resampled labels (measured: 0.36 GB for 6.5 → 42 Mvoxels; this says 0.41).
+pub fn preprocess_case_bytes(channels: usize, raw: f64, new: f64) -> f64 {
+    let c = channels as f64;
+    raw * (4.0 * c + 1.0) + new * (8.0 * c + 1.0)
+}
+
+/// Refuses to preprocess with `workers` cases in memory at a time when that cannot
+/// fit: the largest cases of `fingerprint` when given, else the plan's median case.
+/// `preprocess_case` would otherwise abort the whole run allocating.
+pub fn check_preprocess_memory(
+    plans: &Plans,
+    configuration: &str,
+    fingerprint: Option<&Fingerprint>,
+    workers: usize,
+) -> std::result::Result<(), String> {
+    let conf =
+        plans.configuration(configuration).ok_or_else(|| format!("the plan has no configuration {configuration}"))?;
+    let channels = plans.channels.len().max(1);
+    let voxels = |s: &[f64]| s.iter().product::<f64>();
+    // A 2D configuration keeps each case's slice spacing.
+    let target = |case_spacing: [f64; 3]| -> Vec<f64> {
+        match conf.spacing.len() {
+            2 => vec![case_spacing[0], conf.spacing[0], conf.spacing[1]],
+            _ => conf.spacing.clone(),
+        }
+    };
+    // (bytes, description), largest first.
+    let mut cases: Vec<(f64, String)> = match fingerprint {
+        Some(fp) if !fp.cases.is_empty() => fp
+            .cases
+            .iter()
+            .map(|c| {
+                let raw: Vec<f64> = c.shape.iter().map(|&n| n as f64).collect();
+                let new: Vec<f64> = c
+                    .shape_after_crop
+                    .iter()
+                    .zip(c.spacing)
+                    .zip(target(c.spacing))
+                    .map(|((&n, s), t)| (s / t * n as f64).round().max(1.0))
+                    .collect();
+                let bytes = preprocess_case_bytes(channels, voxels(&raw), voxels(&new));
+                (bytes, format!("the largest case, {}: {:.0?} → {:.0?} voxels", c.id, raw, new))
+            })
+            .collect(),
+        _ => {
+            let raw = plans.original_median_shape.to_vec();
+            let mut new: Vec<f64> = conf.median_shape_after_resampling.iter().map(|&n| n as f64).collect();
+            if new.len() == 2 {
+                new.insert(0, raw[0]);
+            }
+            let bytes = preprocess_case_bytes(channels, voxels(&raw), voxels(&new));
+            vec![(bytes, format!("the median case: {raw:.0?} → {new:.0?} voxels"))]
+        }
+    };
+    cases.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let at_once = workers.max(1).min(match fingerprint {
+        Some(fp) if !fp.cases.is_empty() => cases.len(),
+        _ => workers.max(1),
+    });
+    let need: f64 = (0..at_once).map(|i| cases[i.min(cases.len() - 1)].0).sum();
+    let (largest, about) = &cases[0];
+    let what = format!(
+        "preprocessing {at_once} case(s) at a time at spacing {:.3?} mm ({about}, {} each)",
+        conf.spacing,
+        format_bytes(*largest)
+    );
+    let fits_one = memory_budget()?.is_none_or(|b| *largest <= b.bytes);
+    let hint = if at_once > 1 && fits_one {
+        "use fewer workers (-j) or plan a coarser --target-spacing"
+    } else {
+        "plan a coarser --target-spacing"
+    };
+    check_memory(need, &what, hint)
 }
 
 #[cfg(test)]
@@ -629,6 +812,34 @@ mod tests {
         assert!(e.contains("image_order: 1") && e.contains("B-spline"), "{e}");
         let r = Resampling { anisotropy_threshold: 0.5, ..Default::default() };
         assert!(r.check().is_err());
+    }
+
+    #[test]
+    fn memory_sizes_parse_and_print_in_decimal_units() {
+        assert_eq!(parse_bytes("64G"), Some(64e9));
+        assert_eq!(parse_bytes("1.5TB"), Some(1.5e12));
+        assert_eq!(parse_bytes("1000"), Some(1000.0));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("-1G"), None);
+        assert_eq!(format_bytes(1e6), "1.0 MB");
+        assert_eq!(format_bytes(8e9), "8.0 GB");
+        assert_eq!(format_bytes(512.0), "512 B");
+    }
+
+    #[test]
+    fn preprocessing_memory_follows_the_planned_median_case() {
+        let fp = fingerprint(&[([1.0; 3], [100, 200, 200]); 3]);
+        let p = plan(&fp, &PlanOverrides::default()).unwrap();
+        // 4 Mvoxels in and out: 4M·5 + 4M·9 bytes.
+        assert_eq!(preprocess_case_bytes(1, 4e6, 4e6), 56e6);
+        let fine = plan(&fp, &PlanOverrides { target_spacing: Some([0.001; 3]), ..Default::default() }).unwrap();
+        // 10⁶ times the voxels: refused on any machine, with the numbers.
+        if memory_budget().unwrap().is_some() {
+            let e = check_preprocess_memory(&fine, "3d_fullres", None, 1).unwrap_err();
+            assert!(e.contains("PB of memory") && e.contains("--target-spacing"), "{e}");
+        }
+        // With the fingerprint, the largest case decides.
+        assert!(check_preprocess_memory(&p, "3d_fullres", Some(&fp), 2).is_ok());
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub fn pad_shape(shape: &[usize], by: &[usize]) -> Vec<usize> {
     shape.iter().zip(by).map(|(&s, &b)| s.div_ceil(b) * b).collect()
 }
 
+/// Most features of one stage a plan may ask for (nnU-Net's largest use 512).
+pub const MAX_FEATURES: usize = 65536;
+
 /// A plain conv U-Net as the plan describes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NetworkSpec {
@@ -127,6 +130,77 @@ impl NetworkSpec {
 
     pub fn n_stages(&self) -> usize {
         self.features_per_stage.len()
+    }
+
+    /// Whether the layout builds a network that runs on `patch`: one entry per stage in
+    /// every list, `dim` entries per kernel and stride, odd kernels, and a patch that
+    /// divides by the total stride (else skip connections and upsampled maps differ in
+    /// size, which panics inside torch). Plans are files a user can edit.
+    pub fn check(&self, patch: &[usize]) -> Result<(), String> {
+        let n = self.n_stages();
+        let d = self.dim;
+        if d != 2 && d != 3 {
+            return Err(format!("network dim {d}: only 2 or 3"));
+        }
+        // The cap keeps the parameter count far from u64 overflow.
+        if n == 0 || self.features_per_stage.iter().any(|&f| f == 0 || f > MAX_FEATURES) {
+            return Err(format!(
+                "features_per_stage {:?}: need at least one stage, each in 1..={MAX_FEATURES}",
+                self.features_per_stage
+            ));
+        }
+        if self.input_channels == 0 || self.num_classes == 0 {
+            return Err(format!(
+                "network with {} input channel(s) and {} class(es)",
+                self.input_channels, self.num_classes
+            ));
+        }
+        for (name, len) in [
+            ("kernel_sizes", self.kernel_sizes.len()),
+            ("strides", self.strides.len()),
+            ("n_conv_per_stage", self.n_conv_per_stage.len()),
+        ] {
+            if len != n {
+                return Err(format!("network {name} lists {len} stage(s), features_per_stage {n}"));
+            }
+        }
+        if self.n_conv_per_stage_decoder.len() != n - 1 {
+            return Err(format!(
+                "network n_conv_per_stage_decoder lists {} stage(s), where {n} stages need {}",
+                self.n_conv_per_stage_decoder.len(),
+                n - 1
+            ));
+        }
+        if self.n_conv_per_stage.iter().chain(&self.n_conv_per_stage_decoder).any(|&c| c == 0) {
+            return Err("network n_conv_per_stage and n_conv_per_stage_decoder must be at least 1".into());
+        }
+        for (s, (k, st)) in self.kernel_sizes.iter().zip(&self.strides).enumerate() {
+            if k.len() != d || st.len() != d {
+                return Err(format!("network stage {s}: kernel {k:?} and stride {st:?} need {d} entries each"));
+            }
+            if k.iter().any(|&k| k % 2 == 0) || st.contains(&0) {
+                return Err(format!("network stage {s}: kernel {k:?} must be odd and stride {st:?} at least 1"));
+            }
+        }
+        let eps_ok = self.norm_eps > 0.0 && self.norm_eps.is_finite();
+        if !eps_ok || !self.negative_slope.is_finite() {
+            return Err(format!(
+                "network norm_eps {} must be positive and negative_slope {} finite",
+                self.norm_eps, self.negative_slope
+            ));
+        }
+        let total: Vec<usize> =
+            (0..d).map(|a| self.strides.iter().fold(1usize, |acc, st| acc.saturating_mul(st[a]))).collect();
+        if patch.len() != d || patch.contains(&0) {
+            return Err(format!("patch {patch:?}: need {d} sizes, each at least 1"));
+        }
+        if patch.iter().zip(&total).any(|(&p, &t)| p % t != 0) {
+            return Err(format!(
+                "patch {patch:?} does not divide by the network's total stride {total:?} \
+                 (the product of its strides per axis)"
+            ));
+        }
+        Ok(())
     }
 
     /// Parameters of conv (+bias) → instance norm (affine) → LeakyReLU blocks, transposed
@@ -234,6 +308,21 @@ mod tests {
         // After two pools in-plane spacing is 3.2 mm: z (5 mm) is within 2×, so it pools.
         assert_eq!(t.strides[3], vec![2, 2, 2]);
         assert_eq!(t.kernels[2], vec![3, 3, 3]);
+    }
+
+    #[test]
+    fn check_accepts_planned_networks_and_names_what_is_wrong() {
+        let t = pool_and_conv_props(&[1.0, 1.0, 1.0], &[16, 48, 48], 4, 999_999);
+        let net = NetworkSpec::plain(3, 1, 14, features_per_stage(t.strides.len(), 4, 16), t.kernels, t.strides);
+        assert_eq!(net.check(&t.patch), Ok(()));
+        let e = net.check(&[17, 48, 48]).unwrap_err();
+        assert!(e.contains("does not divide by the network's total stride [4, 8, 8]"), "{e}");
+        let mut short = net.clone();
+        short.features_per_stage.pop();
+        assert!(short.check(&t.patch).unwrap_err().contains("kernel_sizes lists 4 stage(s), features_per_stage 3"));
+        let mut even = net.clone();
+        even.kernel_sizes[1] = vec![3, 2, 3];
+        assert!(even.check(&t.patch).unwrap_err().contains("must be odd"));
     }
 
     #[test]

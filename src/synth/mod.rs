@@ -106,10 +106,32 @@ fn draw_grid(cfg: &SynthConfig, rng: &mut impl Rng) -> PhantomGrid {
     PhantomGrid { shape: [nz, ny, nx], spacing: [sz, sxy, sxy] }
 }
 
+/// Bytes one worker holds for a case of `voxels`: float32 HU, uint8 labels, the int16
+/// image, and the file-order copies written out (the labels and image again).
+fn case_bytes(voxels: f64) -> f64 {
+    voxels * 10.0
+}
+
 fn validate(cfg: &SynthConfig, out: &Path) -> Result<()> {
+    let [z, y, x] = cfg.shape;
     if cfg.shape.iter().any(|&n| n < 8) {
-        return Err(Error::invalid(out, format!("shape {:?} too small: at least 8 voxels per axis", cfg.shape)));
+        return Err(Error::invalid(out, format!("--shape {z},{y},{x} too small: at least 8 voxels per axis")));
     }
+    // NIfTI-1 stores each dimension as an int16.
+    if cfg.shape.iter().any(|&n| n > i16::MAX as usize) {
+        return Err(Error::invalid(
+            out,
+            format!("--shape {z},{y},{x}: NIfTI-1 files hold at most 32767 voxels per axis"),
+        ));
+    }
+    let voxels: f64 = cfg.shape.iter().map(|&n| n as f64).product();
+    let at_once = cfg.workers.max(1).min(cfg.labeled + cfg.unlabeled).max(1);
+    crate::planning::plan::check_memory(
+        at_once as f64 * case_bytes(voxels),
+        &format!("--shape {z},{y},{x} with {at_once} case(s) at a time (-j)"),
+        "use a smaller --shape or fewer workers (-j)",
+    )
+    .map_err(|e| Error::invalid(out, e))?;
     for (name, r) in [("--spacing-xy", cfg.spacing_xy), ("--spacing-z", cfg.spacing_z)] {
         if let Some((a, b)) = r {
             if !(a > 0.0 && b >= a && b.is_finite()) {
@@ -158,51 +180,58 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path, mut on_case: impl FnMut(&str
     let level = cfg.gzip_level;
     let mut summary = SynthSummary::default();
     let mut first_error: Option<Error> = None;
-    cps3d_actors::pool::for_each_bounded(
-        labeled.chain(unlabeled),
-        cfg.workers,
-        |job: Job| -> Result<(String, bool, u64, u64)> {
-            let done = job.image.exists() && job.label.as_ref().is_none_or(|l| l.exists());
-            if done {
-                return Ok((job.id, false, 0, 0));
-            }
-            let mut rng = case_rng(job.seed);
-            let grid = draw_grid(cfg, &mut rng);
-            let p = phantom::generate(grid, &mut rng);
-            // Regenerable from the seed: atomic, but no fsync per file.
-            let flavour = WriterOptionsFlavour::Scratch(level);
-            let mut voxel_bytes = p.image.len() as u64 * 2;
-            if let Some(label) = &job.label {
-                // Label first: the image's presence then marks a finished case.
-                write_volume_with(label, p.labels.view(), &p.geometry, flavour)?;
-                voxel_bytes += p.labels.len() as u64;
-            }
-            write_volume_with(&job.image, p.image.view(), &p.geometry, flavour)?;
-            let mut file_bytes = std::fs::metadata(&job.image).map(|m| m.len()).unwrap_or(0);
-            if let Some(label) = &job.label {
-                file_bytes += std::fs::metadata(label).map(|m| m.len()).unwrap_or(0);
-            }
-            Ok((job.id, true, voxel_bytes, file_bytes))
-        },
-        |r| match r {
-            Ok(Ok((id, written, vb, fb))) => {
-                if written {
-                    summary.written += 1;
-                } else {
-                    summary.skipped_existing += 1;
+    // A pool whose threads cannot be spawned panics in std: an error instead.
+    let pool = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cps3d_actors::pool::for_each_bounded(
+            labeled.chain(unlabeled),
+            cfg.workers,
+            |job: Job| -> Result<(String, bool, u64, u64)> {
+                let done = job.image.exists() && job.label.as_ref().is_none_or(|l| l.exists());
+                if done {
+                    return Ok((job.id, false, 0, 0));
                 }
-                summary.voxel_bytes += vb;
-                summary.file_bytes += fb;
-                on_case(&id);
-            }
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(panic) => {
-                first_error.get_or_insert(Error::invalid(out, format!("phantom worker panicked: {panic}")));
-            }
-        },
-    );
+                let mut rng = case_rng(job.seed);
+                let grid = draw_grid(cfg, &mut rng);
+                let p = phantom::generate(grid, &mut rng);
+                // Regenerable from the seed: atomic, but no fsync per file.
+                let flavour = WriterOptionsFlavour::Scratch(level);
+                let mut voxel_bytes = p.image.len() as u64 * 2;
+                if let Some(label) = &job.label {
+                    // Label first: the image's presence then marks a finished case.
+                    write_volume_with(label, p.labels.view(), &p.geometry, flavour)?;
+                    voxel_bytes += p.labels.len() as u64;
+                }
+                write_volume_with(&job.image, p.image.view(), &p.geometry, flavour)?;
+                let mut file_bytes = std::fs::metadata(&job.image).map(|m| m.len()).unwrap_or(0);
+                if let Some(label) = &job.label {
+                    file_bytes += std::fs::metadata(label).map(|m| m.len()).unwrap_or(0);
+                }
+                Ok((job.id, true, voxel_bytes, file_bytes))
+            },
+            |r| match r {
+                Ok(Ok((id, written, vb, fb))) => {
+                    if written {
+                        summary.written += 1;
+                    } else {
+                        summary.skipped_existing += 1;
+                    }
+                    summary.voxel_bytes += vb;
+                    summary.file_bytes += fb;
+                    on_case(&id);
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(panic) => {
+                    first_error.get_or_insert(Error::invalid(out, format!("phantom worker panicked: {panic}")));
+                }
+            },
+        )
+    }));
+    if let Err(p) = pool {
+        let msg = cps3d_actors::pool::panic_message(p.as_ref());
+        return Err(Error::invalid(out, format!("{} worker(s) (-j): {msg}", cfg.workers)));
+    }
     if let Some(e) = first_error {
         return Err(e);
     }

@@ -98,3 +98,22 @@ pub fn datapath_config(shards: &Path, k: &DataKnobs) -> Result<DataPathConfig> {
 pub fn normalize(n: &crate::planning::plan::Normalization) -> Normalize {
     Normalize { clip_low: f32::NEG_INFINITY, clip_high: f32::INFINITY, mean: n.mean as f32, std: n.std as f32 }
 }
+
+/// Bytes the data path's samples and batches can take at once: every buffer its
+/// queues, workers and recycling pools can hold (as `DataPath::start` sizes the
+/// pools), plus one batch per consumer. `queue_bytes` counts the queues alone.
+pub fn datapath_bytes(cfg: &DataPathConfig) -> f64 {
+    let f = |v: usize| v as f64;
+    let patch: f64 = cfg.patch.iter().map(|&p| p as f64).product();
+    let region: f64 = cfg.augmentation.source_region(cfg.patch).iter().map(|&p| p as f64).product();
+    let c = f(cfg.channels);
+    let raw = region * (4.0 * c + 1.0);
+    let sample = patch * (4.0 * c + 1.0);
+    let samples = f(cfg.labeled_batch) + f(cfg.unlabeled_batch);
+    // Image, labels and the coarser deep-supervision labels (at most 1/7 more).
+    let batch = samples * patch * 4.0 * c + f(cfg.labeled_batch) * patch * 8.0 / 7.0;
+    let raw_items = f(cfg.raw_queue) + f(cfg.loaders) + f(cfg.augmenters) + 2.0;
+    let sample_items = f(cfg.augmented_queue) + f(cfg.augmenters) + f(cfg.batchers) * samples + 2.0;
+    let batch_items = f(cfg.batch_queue) * f(cfg.consumers) + f(cfg.batchers) + 2.0 + f(cfg.consumers);
+    raw_items * raw + sample_items * sample + batch_items * batch
+}
