@@ -3,5 +3,8 @@
 mod cli;
 
 fn main() -> std::process::ExitCode {
+    // Test builds arm fault-injection points from the FAILPOINTS variable; normal builds
+    // have none.
+    let _faults = fail::has_failpoints().then(fail::FailScenario::setup);
     cli::run()
 }

@@ -17,14 +17,71 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".tmp-{}-{name}", std::process::id()));
+    // Errors name the file asked for, not the temporary one.
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::write(path, e))?;
+        f.write_all(bytes).map_err(|e| Error::write(path, e))?;
+        f.sync_all().map_err(|e| Error::write(path, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::write(path, e))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// An exclusive lock on a folder (`DIR/.lock`), held while the value lives: a second
+/// process is refused at once instead of both writing into it.
+pub struct FolderLock {
+    _file: std::fs::File,
+}
+
+impl FolderLock {
+    pub fn exclusive(dir: &Path, what: &str) -> Result<FolderLock> {
+        Self::take(dir, what, true)
+    }
+
+    /// A shared lock: readers together, but not while a writer holds it.
+    pub fn shared(dir: &Path, what: &str) -> Result<FolderLock> {
+        Self::take(dir, what, false)
+    }
+
+    fn take(dir: &Path, what: &str, exclusive: bool) -> Result<FolderLock> {
+        use fs4::fs_std::FileExt;
+        let path = dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let taken = if exclusive { FileExt::try_lock_exclusive(&file) } else { FileExt::try_lock_shared(&file) };
+        match taken {
+            Ok(true) => Ok(FolderLock { _file: file }),
+            Ok(false) => Err(Error::invalid(
+                dir,
+                format!("{what}: another cps3d process holds {} (wait for it, or use another folder)", path.display()),
+            )),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = FolderLock::exclusive(dir.path(), "training").unwrap();
+        let e = FolderLock::exclusive(dir.path(), "training").err().unwrap().to_string();
+        assert!(e.contains("another cps3d process holds") && e.contains(".lock"), "{e}");
+        assert!(FolderLock::shared(dir.path(), "reading").is_err());
+        drop(held);
+        let _a = FolderLock::shared(dir.path(), "reading").unwrap();
+        let _b = FolderLock::shared(dir.path(), "reading").unwrap();
+        assert!(FolderLock::exclusive(dir.path(), "writing").is_err());
+    }
 }

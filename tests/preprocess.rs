@@ -395,3 +395,28 @@ fn real_scans_are_preprocessed_as_nnunet_does() {
         }
     }
 }
+
+#[test]
+fn preprocessing_into_a_folder_in_use_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    synth(&d, 1, 1, [16, 32, 32]);
+    let fp = fingerprint_dataset(&d, 1, |_| {}).unwrap();
+    let plans = plan(&fp, &PlanOverrides::default()).unwrap();
+    let out = tmp.path().join("shards");
+    preprocess_dataset(&d, &plans, &out, &PreprocessOptions::default(), |_, _| {}).unwrap();
+    let before = cps3d_storage::verify_dir(&out).len();
+    // A training run reads the shards under a shared lock: rewriting them under it is refused.
+    let reader = cps3d::util::FolderLock::shared(&out, "reading the shards").unwrap();
+    let overwrite = PreprocessOptions { overwrite: true, ..Default::default() };
+    let e = preprocess_dataset(&d, &plans, &out, &overwrite, |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("preprocessing") && e.contains("another cps3d process holds"), "{e}");
+    assert_eq!(cps3d_storage::verify_dir(&out).len(), before);
+    drop(reader);
+    // Two preprocessing runs into one folder: the second is refused while the first holds it.
+    let first = cps3d::util::FolderLock::exclusive(&out, "preprocessing").unwrap();
+    assert!(preprocess_dataset(&d, &plans, &out, &overwrite, |_, _| {}).is_err());
+    drop(first);
+    let summary = preprocess_dataset(&d, &plans, &out, &overwrite, |_, _| {}).unwrap();
+    assert_eq!(summary.written, before);
+}

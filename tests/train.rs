@@ -3,26 +3,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{run, stderr, stdout};
-use cps3d::training::run::{checkpoint_tensors, train, TrainOptions};
-
-/// Phantoms → a tiny plan (patch 16×32×32, features 8..32) → shards; five labeled
-/// cases, the fewest nnU-Net's five folds allow.
-fn tiny_shards(tmp: &Path) -> PathBuf {
-    let cfg = cps3d::synth::SynthConfig {
-        labeled: 5,
-        unlabeled: 3,
-        shape: [24, 48, 48],
-        seed: 3,
-        workers: 2,
-        ..Default::default()
-    };
-    common::preprocessed(tmp, cfg, &["--patch-size", "16,32,32", "--features", "8,16,32,32"])
-}
+use cps3d::training::run::{checkpoint_tensors, train, Start, TrainOptions};
 
 fn options(shards: &Path, run_dir: &Path, epochs: usize, iterations: usize) -> TrainOptions {
     TrainOptions {
@@ -58,8 +44,8 @@ fn final_weights(run_dir: &Path) -> Vec<Vec<(String, Vec<f32>)>> {
 #[test]
 fn the_loss_falls_over_a_few_dozen_steps() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tiny_shards(tmp.path());
-    let logs = train(&options(&shards, &tmp.path().join("run"), 4, 8), false, None, |_| {}).unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let logs = train(&options(&shards, &tmp.path().join("run"), 4, 8), Start::New, None, |_| {}).unwrap();
     assert_eq!(logs.len(), 4);
     for net in 0..2 {
         let (first, last) = (logs[0].sup_loss[net], logs[3].sup_loss[net]);
@@ -78,14 +64,14 @@ fn the_loss_falls_over_a_few_dozen_steps() {
 #[test]
 fn resuming_gives_the_same_parameters_as_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tiny_shards(tmp.path());
+    let shards = common::tiny_shards(tmp.path());
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    train(&options(&shards, &a, 3, 3), false, None, |_| {}).unwrap();
-    train(&options(&shards, &b, 1, 3), false, None, |_| {}).unwrap();
+    train(&options(&shards, &a, 3, 3), Start::New, None, |_| {}).unwrap();
+    train(&options(&shards, &b, 1, 3), Start::New, None, |_| {}).unwrap();
     // The first run stopped after epoch 0; continue it to 3 epochs.
     let mut more = options(&shards, &b, 3, 3);
     more.epochs = Some(3);
-    let logs = train(&more, true, None, |_| {}).unwrap();
+    let logs = train(&more, Start::Resume, None, |_| {}).unwrap();
     assert_eq!(logs.first().map(|l| l.epoch), Some(1));
     let (wa, wb) = (final_weights(&a), final_weights(&b));
     assert_eq!(wa.len(), wb.len());
@@ -101,7 +87,7 @@ fn resuming_gives_the_same_parameters_as_an_uninterrupted_run() {
 #[test]
 fn a_killed_run_leaves_a_loadable_checkpoint_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tiny_shards(tmp.path());
+    let shards = common::tiny_shards(tmp.path());
     let run_dir = tmp.path().join("run");
     let mut child = common::cps3d()
         .args([
@@ -145,7 +131,7 @@ fn a_killed_run_leaves_a_loadable_checkpoint_and_resumes() {
 #[test]
 fn supervised_baseline_trains_one_network_and_exports_its_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tiny_shards(tmp.path());
+    let shards = common::tiny_shards(tmp.path());
     let run_dir = tmp.path().join("run");
     let o = run(&[
         "train",
@@ -183,7 +169,7 @@ fn supervised_baseline_trains_one_network_and_exports_its_weights() {
 #[test]
 fn folds_follow_splits_final_json_and_the_held_out_case_is_validated_whole() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tiny_shards(tmp.path());
+    let shards = common::tiny_shards(tmp.path());
     let run_dir = tmp.path().join("run");
     let o = run(&[
         "train",
@@ -247,12 +233,12 @@ fn folds_follow_splits_final_json_and_the_held_out_case_is_validated_whole() {
 #[test]
 fn plan_settings_that_cannot_be_honoured_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tiny_shards(tmp.path());
+    let shards = common::tiny_shards(tmp.path());
     let path = shards.join("plans.json");
     let mut plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     plans["cps"]["optimizer"]["kind"] = "adam".into();
     std::fs::write(&path, plans.to_string()).unwrap();
-    let e = train(&options(&shards, &tmp.path().join("run"), 1, 1), false, None, |_| {}).unwrap_err().to_string();
+    let e = train(&options(&shards, &tmp.path().join("run"), 1, 1), Start::New, None, |_| {}).unwrap_err().to_string();
     assert!(e.contains("plans.json") && e.contains("adam") && e.contains("sgd"), "{e}");
     // Shards of an older layout (no version in the manifest) are refused with what to do.
     let manifest = shards.join("manifest.json");

@@ -5,5 +5,6 @@
 
 pub mod augment;
 pub mod datapath;
+pub mod faults;
 pub mod pool;
 pub mod telemetry;

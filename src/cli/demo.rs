@@ -17,7 +17,7 @@ use cps3d::planning::fingerprint::{fingerprint_dataset, Fingerprint};
 use cps3d::planning::plan::{plan, PlanOverrides, Plans};
 use cps3d::preprocessing::{preprocess_dataset, PreprocessOptions};
 use cps3d::synth::{write_dataset, SynthConfig};
-use cps3d::training::run::{default_devices, train, TrainOptions};
+use cps3d::training::run::{default_devices, train, Start, TrainOptions};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -64,6 +64,7 @@ pub struct DemoArgs {
     seed: u64,
     /// Worker threads for synthesis, fingerprinting and preprocessing.
     #[arg(short = 'j', long, default_value_t = super::default_workers())]
+    #[arg(value_parser = super::workers, allow_negative_numbers = true)]
     workers: usize,
 }
 
@@ -223,7 +224,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             final_validation: false,
             ..Default::default()
         };
-        train(&opts, resume, None, |l| {
+        train(&opts, if resume { Start::Resume } else { Start::Overwrite }, None, |l| {
             println!(
                 "  epoch {:>3}: loss {:.3?} (CPS {:.3?}), λ {:.2}, pseudo-Dice {:.3}, {:.2} s/step",
                 l.epoch, l.loss, l.cps_loss, l.lambda, l.mean_pseudo_dice, l.step_seconds

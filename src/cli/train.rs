@@ -7,21 +7,28 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::Zyx;
-use cps3d::training::run::{default_devices, train, TrainOptions};
+use cps3d::training::options::{resume_options, ResumeRequest};
+use cps3d::training::run::{default_devices, train, Start, TrainOptions};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Shard folder from `cps3d preprocess` (not needed with --resume).
     shards: Option<PathBuf>,
-    /// Run folder: logs and checkpoints.
+    /// Run folder: logs and checkpoints. A folder holding a previous run is refused
+    /// unless --overwrite (or --resume it).
     #[arg(short, long)]
     out: Option<PathBuf>,
-    /// Continue the run in this folder from its latest checkpoint.
+    /// Continue the run in this folder from its latest checkpoint. Devices, epochs,
+    /// iterations, workers and threads may change; the data, fold, seed, patch and
+    /// --supervised-only may not (refused with the reason).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Replace a previous run's results in --out.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Options from a JSON file (the `train.json` every run writes); SHARDS and
     /// --out given here take precedence.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     config: Option<PathBuf>,
     /// Epochs (default: the plan's, 1000).
     #[arg(long)]
@@ -36,13 +43,13 @@ pub struct TrainArgs {
     /// One network, no CPS (the paper's supervised baseline).
     #[arg(long)]
     supervised_only: bool,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[arg(long)]
+    seed: Option<u64>,
     /// nnU-Net's fold: 0..4 trains on four fifths of the labeled cases and validates on the
     /// rest (SHARDS/splits_final.json, made on first use as nnU-Net does); `all` trains on
     /// every labeled case and validates on them.
-    #[arg(long, default_value = "0")]
-    fold: String,
+    #[arg(long)]
+    fold: Option<String>,
     /// Batches of held-out patches per epoch for the pseudo-Dice (nnU-Net: 50).
     #[arg(long, default_value_t = 50)]
     val_iterations: usize,
@@ -54,36 +61,45 @@ pub struct TrainArgs {
     #[arg(long)]
     no_val_mirror: bool,
     /// Data-path workers.
-    #[arg(long, default_value_t = 1)]
-    loaders: usize,
-    #[arg(long, default_value_t = 1)]
-    augmenters: usize,
-    #[arg(long, default_value_t = 1)]
-    batchers: usize,
+    #[arg(long)]
+    loaders: Option<usize>,
+    #[arg(long)]
+    augmenters: Option<usize>,
+    #[arg(long)]
+    batchers: Option<usize>,
     /// Train without augmentation.
     #[arg(long)]
     no_augment: bool,
     /// Patch Z,Y,X (default: the plan's).
     #[arg(long)]
     patch: Option<Zyx>,
+    /// CPU threads libtorch may use, shared by the trainers on the CPU (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seconds a trainer waits for a batch or for its sibling's labels before giving up.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let (opts, resume) = match &a.resume {
+    let (opts, start) = match &a.resume {
         Some(dir) => {
-            let latest = dir.join("latest.json");
-            let p: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&latest)
-                    .with_context(|| format!("{} (no checkpoint to resume from)", latest.display()))?,
-            )?;
-            let ckpt = dir.join(p["checkpoint"].as_str().context("latest.json names no checkpoint")?);
-            let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
-            let mut opts: TrainOptions = serde_json::from_value(state["options"].clone())?;
-            opts.run_dir = dir.clone();
-            if let Some(e) = a.epochs {
-                opts.epochs = Some(e);
-            }
-            (opts, true)
+            let req = ResumeRequest {
+                shards: a.shards.clone(),
+                devices: a.devices.clone(),
+                epochs: a.epochs,
+                iterations: a.iterations,
+                supervised_only: a.supervised_only.then_some(true),
+                fold: a.fold.clone(),
+                seed: a.seed,
+                patch: a.patch.as_ref().map(|p| p.0),
+                no_augment: a.no_augment.then_some(true),
+                loaders: a.loaders,
+                augmenters: a.augmenters,
+                batchers: a.batchers,
+                threads: a.threads,
+            };
+            (resume_options(dir, &req)?, Start::Resume)
         }
         None if a.config.is_some() => {
             let path = a.config.clone().unwrap_or_default();
@@ -96,7 +112,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             if let Some(o) = &a.out {
                 opts.run_dir = o.clone();
             }
-            (opts, false)
+            (opts, if a.overwrite { Start::Overwrite } else { Start::New })
         }
         None => {
             let (Some(shards), Some(out)) = (a.shards.clone(), a.out.clone()) else {
@@ -105,6 +121,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             // Absolute, so the saved options work from any folder on --resume.
             let shards = std::fs::canonicalize(&shards)
                 .with_context(|| format!("{}: no such shard folder", shards.display()))?;
+            let defaults = TrainOptions::default();
             let opts = TrainOptions {
                 shards,
                 run_dir: out,
@@ -112,18 +129,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 supervised_only: a.supervised_only,
                 epochs: a.epochs,
                 iterations: a.iterations,
-                seed: a.seed,
-                fold: a.fold.clone(),
+                seed: a.seed.unwrap_or(0),
+                fold: a.fold.clone().unwrap_or(defaults.fold),
                 val_iterations: a.val_iterations,
                 final_validation: !a.no_final_validation,
                 val_mirror: !a.no_val_mirror,
-                loaders: a.loaders,
-                augmenters: a.augmenters,
-                batchers: a.batchers,
+                loaders: a.loaders.unwrap_or(defaults.loaders),
+                augmenters: a.augmenters.unwrap_or(defaults.augmenters),
+                batchers: a.batchers.unwrap_or(defaults.batchers),
                 no_augment: a.no_augment,
                 patch: a.patch.map(|p| p.0),
+                threads: a.threads,
+                timeout_seconds: a.timeout,
             };
-            (opts, false)
+            (opts, if a.overwrite { Start::Overwrite } else { Start::New })
         }
     };
     tracing::info!("training on {:?} into {}", opts.devices, opts.run_dir.display());
@@ -142,7 +161,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         })
     };
-    if resume {
+    if start == Start::Resume {
         // Steps before the checkpoint count as done.
         if let Ok(t) = std::fs::read_to_string(opts.run_dir.join("latest.json")) {
             if let Some(e) = serde_json::from_str::<serde_json::Value>(&t).ok().and_then(|v| v["epoch"].as_u64()) {
@@ -150,7 +169,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
     }
-    let result = train(&opts, resume, Some(steps.clone()), |l| {
+    let result = train(&opts, start, Some(steps.clone()), |l| {
         pb.set_message(format!("epoch {} pseudo-Dice {:.3}", l.epoch, l.ema_pseudo_dice));
         tracing::info!(
             "epoch {}: loss {:.4?} (sup {:.4?}, cps {:.4?}), λ {:.3}, lr {:.5}, pseudo-Dice {:.4} (EMA {:.4}), step {:.2} s, data wait {:.1}%",

@@ -212,8 +212,9 @@ pub fn export_model_folder(checkpoint: &Path, out: &Path) -> Result<usize> {
         let tensors = tch::Tensor::read_safetensors(&src).map_err(|e| Error::invalid(&src, e.to_string()))?;
         let mut ours: BTreeMap<String, (Vec<usize>, Arc<Vec<f32>>)> = BTreeMap::new();
         for (name, t) in tensors {
-            let Some(key) = name.strip_prefix("model.").or((!name.starts_with("momentum.")).then_some(name.as_str()))
-            else {
+            // Weights only: not the optimizer's or the loss scaler's state.
+            let state = name.starts_with("momentum.") || name.starts_with("scaler.");
+            let Some(key) = name.strip_prefix("model.").or((!state).then_some(name.as_str())) else {
                 continue;
             };
             let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();

@@ -181,12 +181,8 @@ fn target_spacing(plans: &Plans, configuration: &str) -> Result<[f64; 3]> {
 /// Reads, crops and resamples one case.
 pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Result<Preprocessed> {
     let target = target_spacing(plans, configuration)?;
+    // Non-finite voxels are refused by the reader.
     let crate::dataset::LoadedCase { channels, geometry, labels } = case.load()?;
-    for (c, ch) in channels.iter().enumerate() {
-        if let Some(bad) = ch.iter().position(|x| !x.is_finite()) {
-            return Err(Error::invalid(&case.images[c], format!("non-finite voxel (NaN or Inf) at flat index {bad}")));
-        }
-    }
     if let (Some(l), Some(p)) = (&labels, &case.label) {
         let max_label = plans.num_classes.saturating_sub(1) as u8;
         if let Some(&v) = l.iter().find(|&&v| v > max_label) {
@@ -353,6 +349,8 @@ pub fn preprocess_dataset(
     }
     let target = target_spacing(plans, &opts.configuration)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // Before the temporaries are swept: they may be another writer's files in flight.
+    let _lock = crate::util::FolderLock::exclusive(out, "preprocessing")?;
     remove_stale_temporaries(out);
     crate::util::write_json_atomic(&out.join("plans.json"), plans)?;
     let cases: Vec<Case> = ds.cases().cloned().collect();
@@ -366,7 +364,8 @@ pub fn preprocess_dataset(
             if let Some(shape) = (!opts.overwrite).then(|| done_shape(&path, target, &plans.normalization)).flatten() {
                 return (case, Ok((false, shape, 0, 0)));
             }
-            let r = preprocess_case(&case, plans, &opts.configuration).and_then(|p| {
+            let r = crate::dataset::catch_case_panic(&case, || {
+                let p = preprocess_case(&case, plans, &opts.configuration)?;
                 let input_bytes = p.meta.original_shape.iter().product::<usize>() as u64 * 4 * p.image.len() as u64;
                 let bytes = write_case(&p, &path, opts)?;
                 Ok((true, p.meta.shape, input_bytes, bytes))

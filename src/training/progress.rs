@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-use super::run::EpochLog;
+use super::checkpoint::EpochLog;
 
 /// Registers a sans-serif TTF for labels once: `$CPS3D_FONT`, else common system
 /// fonts. Without one the plot is drawn without text.

@@ -131,6 +131,15 @@ impl Default for LossScaler {
 }
 
 impl LossScaler {
+    /// Clean steps since the scale last changed (checkpointed with the scale).
+    pub fn clean_steps(&self) -> usize {
+        self.clean_steps
+    }
+
+    pub fn set_clean_steps(&mut self, n: usize) {
+        self.clean_steps = n;
+    }
+
     /// Divides the gradients by the scale; false (and the scale halved) when any is
     /// not finite, in which case the caller skips the optimizer step.
     pub fn unscale(&mut self, vs: &nn::VarStore) -> bool {

@@ -1,12 +1,19 @@
-//! The two CPS trainers: each a thread owning its network, optimizer and device.
-//! Both receive the same batch; every step each sends its argmax labels (all output
-//! scales, no gradient) to its sibling, receives the sibling's, and trains on
-//! `L = L_sup + λ·L_cps`. A supervised-only mode trains one network alone.
+//! The two CPS trainers: each a thread owning its network, optimizer and device, an
+//! actor driven by typed commands. Both receive the same batch; every step each sends
+//! its argmax labels (all output scales, no gradient) with the batch's number to its
+//! sibling, receives the sibling's, and trains on `L = L_sup + λ·L_cps`. A
+//! supervised-only mode trains one network alone.
+//!
+//! Nothing here waits forever: waits for a batch or for the sibling's labels poll a
+//! shared [`Cancel`] token (set by the supervisor when anything fails) and time out
+//! with an error naming the side that stalled.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::loss::{deep_supervised, pseudo_labels, DiceCe};
@@ -15,30 +22,103 @@ use super::sgd::{clip_grad_norm, zero_grad, LossScaler, Sgd};
 use crate::planning::topology::NetworkSpec;
 use cps3d_actors::datapath::Batch;
 
-/// What the coordinator asks a trainer to do.
+/// What the supervisor asks a trainer to do.
 pub enum Command {
-    /// Train on `steps` batches from `batches` with this learning rate and λ.
-    Train { steps: usize, lr: f64, lambda: f64, batches: Receiver<Arc<Batch>> },
+    /// Train `steps` steps of `epoch` on batches from `batches` with this learning rate and λ.
+    Train { epoch: usize, steps: usize, lr: f64, lambda: f64, batches: Receiver<Arc<Batch>> },
     /// Predict `count` validation batches (labeled samples only) and return the
     /// per-class (tp, fp, fn) summed over them, as nnU-Net's online validation.
     Validate { count: usize, batches: Receiver<Arc<Batch>> },
-    /// Write the network and optimizer state to this file (safetensors).
-    Save { path: std::path::PathBuf },
+    /// Write the network, optimizer and loss-scaler state to this file (safetensors).
+    Save { path: PathBuf },
     /// Replace the state with that of this file.
-    Load { path: std::path::PathBuf },
-    /// Flattened parameters, for tests.
-    Parameters,
+    Load { path: PathBuf },
 }
 
-/// What a trainer answers.
+/// What a trainer answers when a command succeeded.
 pub enum Reply {
     Trained(EpochStats),
     Validated(Vec<[u64; 3]>),
     Saved,
     Loaded,
-    Parameters(Vec<f32>),
-    Failed(String),
 }
+
+/// Where in training a fault happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepAt {
+    pub epoch: usize,
+    pub step: usize,
+}
+
+/// What went wrong in a trainer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Fault {
+    #[error("no batch from the data path in {0} s")]
+    DataTimeout(u64),
+    #[error("the data path stopped handing out batches")]
+    DataStopped,
+    #[error("sibling {sibling} sent no pseudo-labels for {seconds} s: it is stalled or gone")]
+    ExchangeTimeout { sibling: usize, seconds: u64 },
+    #[error("sibling {0} is gone")]
+    SiblingGone(usize),
+    #[error("the siblings were given different batches (#{mine} and #{theirs})")]
+    BatchMismatch { mine: u64, theirs: u64 },
+    #[error("out of memory: {0} (a smaller patch or batch, or mixed precision, needs less)")]
+    OutOfMemory(String),
+    #[error("panicked: {0}")]
+    Panic(String),
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("could not start: {0}")]
+    Start(String),
+    #[error("{0}")]
+    Injected(String),
+    #[error("stopped: {0}")]
+    Cancelled(String),
+}
+
+/// A failed command: which sibling, on which device, where, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("sibling {sibling} ({device}){}: {fault}", at.map(|a| format!(", epoch {} step {}", a.epoch, a.step)).unwrap_or_default())]
+pub struct TrainerError {
+    pub sibling: usize,
+    pub device: String,
+    pub at: Option<StepAt>,
+    pub fault: Fault,
+}
+
+impl TrainerError {
+    /// Whether this trainer only stopped because something else failed.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self.fault, Fault::Cancelled(_))
+    }
+}
+
+/// Set once by whoever sees a fault first; every wait in the trainers checks it.
+#[derive(Default)]
+pub struct Cancel {
+    set: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl Cancel {
+    pub fn cancel(&self, reason: impl Into<String>) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        r.get_or_insert(reason.into());
+        self.set.store(true, Ordering::SeqCst);
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        if self.set.load(Ordering::SeqCst) {
+            self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        } else {
+            None
+        }
+    }
+}
+
+/// How often a waiting trainer looks at the cancel token.
+const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EpochStats {
@@ -55,26 +135,18 @@ pub struct EpochStats {
 }
 
 pub struct TrainerHandle {
+    pub index: usize,
+    pub device: Device,
     pub commands: Sender<Command>,
-    pub replies: Receiver<Reply>,
+    pub replies: Receiver<Result<Reply, TrainerError>>,
     pub thread: std::thread::JoinHandle<()>,
 }
 
-impl TrainerHandle {
-    pub fn call(&self, cmd: Command) -> Result<Reply, String> {
-        self.commands.send(cmd).map_err(|_| "the trainer thread is gone".to_string())?;
-        match self.replies.recv() {
-            Ok(Reply::Failed(e)) => Err(e),
-            Ok(r) => Ok(r),
-            Err(_) => Err("the trainer thread stopped (it may have panicked; see the log)".into()),
-        }
-    }
-}
-
-/// The channels between the two siblings (argmax labels at every output scale).
+/// The channels between the two siblings: a step's batch number and its argmax
+/// labels at every output scale.
 pub struct Exchange {
-    pub to_sibling: Sender<Vec<Tensor>>,
-    pub from_sibling: Receiver<Vec<Tensor>>,
+    pub to_sibling: Sender<(u64, Vec<Tensor>)>,
+    pub from_sibling: Receiver<(u64, Vec<Tensor>)>,
 }
 
 pub fn exchange_pair() -> (Exchange, Exchange) {
@@ -96,26 +168,56 @@ pub struct TrainerSetup {
     /// fp16 autocast with loss scaling on CUDA (the plan's `cps.mixed_precision`).
     pub mixed_precision: bool,
     pub exchange: Option<Exchange>,
+    pub cancel: Arc<Cancel>,
+    /// How long a wait for a batch or for the sibling's labels may last.
+    pub timeout: Duration,
     /// Incremented after every step (progress bars).
     pub steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
-/// Starts a trainer thread. Networks are built on the thread that owns them (tch
-/// tensors are Send, not Sync); `tch::manual_seed` is global, so the caller builds
-/// the siblings one after the other (see [`start_pair`]).
-pub fn start(setup: TrainerSetup, built: Sender<()>) -> TrainerHandle {
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
+pub use cps3d_actors::faults::injected;
+
+/// Starts a trainer thread and waits until it has built its network. Networks are
+/// built on the thread that owns them (tch tensors are Send, not Sync);
+/// `tch::manual_seed` is global, so siblings are started one after the other.
+pub fn start(setup: TrainerSetup) -> Result<TrainerHandle, TrainerError> {
     let (cmd_tx, cmd_rx) = bounded::<Command>(1);
-    let (rep_tx, rep_rx) = bounded::<Reply>(1);
+    let (rep_tx, rep_rx) = bounded::<Result<Reply, TrainerError>>(1);
+    let (built_tx, built_rx) = bounded::<Result<(), String>>(1);
+    let (index, device) = (setup.index, setup.device);
+    let error = |fault| TrainerError { sibling: index, device: device_name(device), at: None, fault };
     let thread = std::thread::Builder::new()
         .name(format!("trainer-{}", setup.index))
         .spawn(move || {
-            tch::manual_seed(setup.seed);
-            let vs = nn::VarStore::new(setup.device);
-            let net = UNet::new(&vs.root(), &setup.spec);
-            let _ = built.send(());
-            let mut state = TrainerState { setup, vs, net, sgd: None, scaler: LossScaler::default() };
-            let mom = (state.setup.momentum, state.setup.nesterov, state.setup.weight_decay);
-            state.sgd = Some(Sgd::new(mom.0, mom.1, mom.2));
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Some(arg) = injected("trainer-start") {
+                    if arg == setup.index.to_string() {
+                        panic!("injected start failure of sibling {arg}");
+                    }
+                }
+                tch::manual_seed(setup.seed);
+                let vs = nn::VarStore::new(setup.device);
+                let net = UNet::new(&vs.root(), &setup.spec);
+                (vs, net)
+            }));
+            let (vs, net) = match built {
+                Ok(b) => b,
+                Err(p) => {
+                    let _ = built_tx.send(Err(cps3d_actors::pool::panic_message(p.as_ref())));
+                    return;
+                }
+            };
+            let _ = built_tx.send(Ok(()));
+            let sgd = Sgd::new(setup.momentum, setup.nesterov, setup.weight_decay);
+            let mut state = TrainerState { setup, vs, net, sgd, scaler: LossScaler::default() };
             for cmd in cmd_rx.iter() {
                 let reply = state.handle(cmd);
                 if rep_tx.send(reply).is_err() {
@@ -123,28 +225,42 @@ pub fn start(setup: TrainerSetup, built: Sender<()>) -> TrainerHandle {
                 }
             }
         })
-        .expect("spawning a trainer thread");
-    TrainerHandle { commands: cmd_tx, replies: rep_rx, thread }
+        .map_err(|e| error(Fault::Start(format!("spawning its thread: {e}"))))?;
+    match built_rx.recv() {
+        Ok(Ok(())) => Ok(TrainerHandle { index, device, commands: cmd_tx, replies: rep_rx, thread }),
+        Ok(Err(message)) => {
+            let _ = thread.join();
+            Err(error(Fault::Start(message)))
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(error(Fault::Start("the thread ended while building the network".into())))
+        }
+    }
 }
 
-/// Two siblings with different He initialisations, each on its device.
-pub fn start_pair(mut a: TrainerSetup, mut b: TrainerSetup) -> (TrainerHandle, TrainerHandle) {
+/// Two siblings with different He initialisations, each on its device. If the second
+/// cannot start, the first is shut down and the error names the second.
+pub fn start_pair(mut a: TrainerSetup, mut b: TrainerSetup) -> Result<(TrainerHandle, TrainerHandle), TrainerError> {
     let (ea, eb) = exchange_pair();
     a.exchange = Some(ea);
     b.exchange = Some(eb);
-    let (tx, rx) = bounded(1);
-    let ha = start(a, tx.clone());
-    let _ = rx.recv();
-    let hb = start(b, tx);
-    let _ = rx.recv();
-    (ha, hb)
+    let ha = start(a)?;
+    match start(b) {
+        Ok(hb) => Ok((ha, hb)),
+        Err(e) => {
+            drop(ha.commands);
+            let _ = ha.thread.join();
+            Err(e)
+        }
+    }
 }
 
 struct TrainerState {
     setup: TrainerSetup,
     vs: nn::VarStore,
     net: UNet,
-    sgd: Option<Sgd>,
+    sgd: Sgd,
     scaler: LossScaler,
 }
 
@@ -153,37 +269,116 @@ fn tensor_u8(data: &[u8], shape: &[i64], device: Device) -> Tensor {
 }
 
 impl TrainerState {
-    fn handle(&mut self, cmd: Command) -> Reply {
+    fn error(&self, at: Option<StepAt>, fault: Fault) -> TrainerError {
+        TrainerError { sibling: self.setup.index, device: device_name(self.setup.device), at, fault }
+    }
+
+    fn handle(&mut self, cmd: Command) -> Result<Reply, TrainerError> {
+        // Where a panic happened, for its message.
+        let mut at = None;
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cmd {
-            Command::Train { steps, lr, lambda, batches } => self.train(steps, lr, lambda, &batches),
+            Command::Train { epoch, steps, lr, lambda, batches } => {
+                self.train(epoch, steps, lr, lambda, &batches, &mut at).map(Reply::Trained)
+            }
             Command::Validate { count, batches } => self.validate(count, &batches).map(Reply::Validated),
             Command::Save { path } => self.save(&path).map(|_| Reply::Saved),
             Command::Load { path } => self.load(&path).map(|_| Reply::Loaded),
-            Command::Parameters => Ok(Reply::Parameters(self.flat_parameters())),
         }));
         match r {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => Reply::Failed(e),
-            Err(p) => Reply::Failed(format!(
-                "trainer {} panicked: {}",
-                self.setup.index,
-                cps3d_actors::pool::panic_message(p.as_ref())
-            )),
+            Ok(r) => r,
+            Err(p) => {
+                let message = cps3d_actors::pool::panic_message(p.as_ref());
+                // libtorch reports allocation failures as errors that tch turns into panics.
+                let fault = if message.to_lowercase().contains("out of memory") {
+                    Fault::OutOfMemory(message)
+                } else {
+                    Fault::Panic(message)
+                };
+                Err(self.error(at, fault))
+            }
         }
     }
 
-    fn train(&mut self, steps: usize, lr: f64, lambda: f64, batches: &Receiver<Arc<Batch>>) -> Result<Reply, String> {
+    /// Waits for the next batch, watching the cancel token.
+    fn next_batch(&self, batches: &Receiver<Arc<Batch>>, at: StepAt) -> Result<Arc<Batch>, TrainerError> {
+        let start = Instant::now();
+        loop {
+            match batches.recv_timeout(POLL) {
+                Ok(b) => return Ok(b),
+                Err(RecvTimeoutError::Disconnected) => return Err(self.error(Some(at), Fault::DataStopped)),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if let Some(reason) = self.setup.cancel.reason() {
+                return Err(self.error(Some(at), Fault::Cancelled(reason)));
+            }
+            if start.elapsed() > self.setup.timeout {
+                return Err(self.error(Some(at), Fault::DataTimeout(self.setup.timeout.as_secs())));
+            }
+        }
+    }
+
+    /// Sends this step's labels and waits for the sibling's, watching the cancel token.
+    fn exchange(&self, index: u64, mine: Vec<Tensor>, at: StepAt) -> Result<Vec<Tensor>, TrainerError> {
+        let ex = self.setup.exchange.as_ref().expect("a CPS trainer has a sibling");
+        let sibling = 1 - self.setup.index;
+        let start = Instant::now();
+        let mut message = Some((index, mine));
+        let mut theirs = None;
+        while message.is_some() || theirs.is_none() {
+            if let Some(m) = message.take() {
+                match ex.to_sibling.send_timeout(m, POLL) {
+                    Ok(()) => {}
+                    Err(crossbeam_channel::SendTimeoutError::Timeout(m)) => message = Some(m),
+                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                        return Err(self.error(Some(at), Fault::SiblingGone(sibling)))
+                    }
+                }
+            }
+            if theirs.is_none() {
+                match ex.from_sibling.recv_timeout(if message.is_some() { Duration::ZERO } else { POLL }) {
+                    Ok(t) => theirs = Some(t),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(self.error(Some(at), Fault::SiblingGone(sibling)))
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+            }
+            if let Some(reason) = self.setup.cancel.reason() {
+                return Err(self.error(Some(at), Fault::Cancelled(reason)));
+            }
+            if start.elapsed() > self.setup.timeout {
+                let seconds = self.setup.timeout.as_secs();
+                return Err(self.error(Some(at), Fault::ExchangeTimeout { sibling, seconds }));
+            }
+        }
+        let (their_index, labels) = theirs.expect("received");
+        if their_index != index {
+            return Err(self.error(Some(at), Fault::BatchMismatch { mine: index, theirs: their_index }));
+        }
+        Ok(labels)
+    }
+
+    fn train(
+        &mut self,
+        epoch: usize,
+        steps: usize,
+        lr: f64,
+        lambda: f64,
+        batches: &Receiver<Arc<Batch>>,
+        at_out: &mut Option<StepAt>,
+    ) -> Result<EpochStats, TrainerError> {
         let dev = self.setup.device;
         let loss = DiceCe { batch_dice: self.setup.batch_dice, ..Default::default() };
         let mut stats = EpochStats::default();
         let (mut wait, mut total) = (Duration::ZERO, Duration::ZERO);
-        for _ in 0..steps {
+        for step in 0..steps {
+            let at = StepAt { epoch, step };
+            *at_out = Some(at);
             let t0 = Instant::now();
-            let batch = batches
-                .recv_timeout(Duration::from_secs(600))
-                .map_err(|_| "no batch from the data path in 600 s".to_string())?;
+            let batch = self.next_batch(batches, at)?;
             let t1 = Instant::now();
             wait += t1 - t0;
+            self.injected_fault(at)?;
             let [z, y, x] = batch.patch.map(|v| v as i64);
             let n = batch.samples() as i64;
             let bl = batch.labeled as i64;
@@ -205,10 +400,8 @@ impl TrainerState {
             };
             let mut cps_value = 0.0;
             let mut cps_part = None;
-            if let Some(ex) = &self.setup.exchange {
-                let mine = pseudo_labels(&outputs);
-                ex.to_sibling.send(mine).map_err(|_| "the sibling trainer is gone".to_string())?;
-                let theirs = ex.from_sibling.recv().map_err(|_| "the sibling trainer is gone".to_string())?;
+            if self.setup.exchange.is_some() {
+                let theirs = self.exchange(batch.index, pseudo_labels(&outputs), at)?;
                 let theirs: Vec<Tensor> = theirs.iter().map(|t| t.to_device(dev)).collect();
                 let cps = deep_supervised(&loss, &outputs, &theirs);
                 cps_value = cps.double_value(&[]);
@@ -231,7 +424,7 @@ impl TrainerState {
                 (clip_grad_norm(&self.vs, self.setup.grad_clip), true)
             };
             if stepped {
-                self.sgd.as_mut().expect("optimizer").step(&self.vs, lr);
+                self.sgd.step(&self.vs, lr);
             } else {
                 stats.skipped_steps += 1;
             }
@@ -254,17 +447,39 @@ impl TrainerState {
         stats.grad_norm /= k;
         stats.step_seconds = total.as_secs_f64() / k;
         stats.data_wait = wait.as_secs_f64() / total.as_secs_f64().max(1e-9);
-        Ok(Reply::Trained(stats))
+        Ok(stats)
     }
 
-    fn validate(&self, count: usize, batches: &Receiver<Arc<Batch>>) -> Result<Vec<[u64; 3]>, String> {
+    /// Faults tests arm with `FAILPOINTS="trainer-step=return(SIBLING:EPOCH:STEP:KIND)"`,
+    /// KIND one of `error`, `panic`, `oom`, `hang`.
+    fn injected_fault(&self, at: StepAt) -> Result<(), TrainerError> {
+        let Some(arg) = injected("trainer-step") else { return Ok(()) };
+        let parts: Vec<&str> = arg.split(':').collect();
+        let here = [self.setup.index.to_string(), at.epoch.to_string(), at.step.to_string()];
+        if parts.len() != 4 || parts[..3] != here {
+            return Ok(());
+        }
+        match parts[3] {
+            "error" => Err(self.error(Some(at), Fault::Injected("injected error".into()))),
+            "panic" => panic!("injected panic"),
+            "oom" => panic!("CUDA out of memory. Tried to allocate 2.00 GiB (injected)"),
+            "hang" => loop {
+                // Stalls until the supervisor gives up on this trainer.
+                if let Some(reason) = self.setup.cancel.reason() {
+                    return Err(self.error(Some(at), Fault::Cancelled(reason)));
+                }
+                std::thread::sleep(POLL);
+            },
+            _ => Ok(()),
+        }
+    }
+
+    fn validate(&self, count: usize, batches: &Receiver<Arc<Batch>>) -> Result<Vec<[u64; 3]>, TrainerError> {
         let classes = self.setup.spec.num_classes;
         let mut counts = vec![[0u64; 3]; classes];
         tch::no_grad(|| {
-            for _ in 0..count {
-                let batch = batches
-                    .recv_timeout(Duration::from_secs(600))
-                    .map_err(|_| "no validation batch from the data path in 600 s".to_string())?;
+            for i in 0..count {
+                let batch = self.next_batch(batches, StepAt { epoch: usize::MAX, step: i })?;
                 let [z, y, x] = batch.patch.map(|v| v as i64);
                 let n = batch.labeled as i64;
                 let pn = (z * y * x) as usize;
@@ -299,56 +514,54 @@ impl TrainerState {
     fn named_state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> =
             self.vs.variables().into_iter().map(|(k, t)| (format!("model.{k}"), t)).collect();
-        if let Some(sgd) = &self.sgd {
-            v.extend(sgd.buffers.iter().map(|(k, t)| (format!("momentum.{k}"), t.shallow_clone())));
-        }
+        v.extend(self.sgd.buffers.iter().map(|(k, t)| (format!("momentum.{k}"), t.shallow_clone())));
+        // The fp16 loss scaler, so a resumed run keeps its scale.
+        v.push(("scaler.scale".into(), Tensor::from_slice(&[self.scaler.scale])));
+        v.push(("scaler.clean_steps".into(), Tensor::from_slice(&[self.scaler.clean_steps() as i64])));
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
-    fn save(&self, path: &std::path::Path) -> Result<(), String> {
+    fn save(&self, path: &Path) -> Result<(), TrainerError> {
         let state: Vec<(String, Tensor)> =
             self.named_state().into_iter().map(|(k, t)| (k, t.to_device(Device::Cpu))).collect();
-        Tensor::write_safetensors(&state, path).map_err(|e| format!("{}: {e}", path.display()))
+        if let Some(arg) = injected("checkpoint-write") {
+            let code = arg.parse().unwrap_or(28); // ENOSPC
+            let e = std::io::Error::from_raw_os_error(code);
+            return Err(self.error(None, Fault::Checkpoint(format!("cannot write {}: {e}", path.display()))));
+        }
+        Tensor::write_safetensors(&state, path)
+            .map_err(|e| self.error(None, Fault::Checkpoint(format!("cannot write {}: {e}", path.display()))))
     }
 
-    fn load(&mut self, path: &std::path::Path) -> Result<(), String> {
-        let loaded = Tensor::read_safetensors(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    fn load(&mut self, path: &Path) -> Result<(), TrainerError> {
+        let fail = |m: String| self.error(None, Fault::Checkpoint(format!("{}: {m}", path.display())));
+        let loaded = Tensor::read_safetensors(path).map_err(|e| fail(e.to_string()))?;
         let vars = self.vs.variables();
         let mut seen = 0;
-        let sgd = self.sgd.as_mut().expect("optimizer");
-        sgd.buffers.clear();
+        let mut buffers = std::collections::BTreeMap::new();
+        let mut scaler = LossScaler::default();
         for (name, t) in loaded {
             if let Some(k) = name.strip_prefix("model.") {
-                let v = vars.get(k).ok_or_else(|| format!("{}: unknown variable {k}", path.display()))?;
+                let v = vars.get(k).ok_or_else(|| fail(format!("unknown variable {k}")))?;
                 if v.size() != t.size() {
-                    return Err(format!(
-                        "{}: {k} has shape {:?}, the network {:?}",
-                        path.display(),
-                        t.size(),
-                        v.size()
-                    ));
+                    return Err(fail(format!("{k} has shape {:?}, the network {:?}", t.size(), v.size())));
                 }
                 tch::no_grad(|| v.shallow_clone().copy_(&t));
                 seen += 1;
             } else if let Some(k) = name.strip_prefix("momentum.") {
-                sgd.buffers.insert(k.to_string(), t.to_device(self.setup.device));
+                buffers.insert(k.to_string(), t.to_device(self.setup.device));
+            } else if name == "scaler.scale" {
+                scaler.scale = t.double_value(&[0]);
+            } else if name == "scaler.clean_steps" {
+                scaler.set_clean_steps(t.int64_value(&[0]) as usize);
             }
         }
         if seen != vars.len() {
-            return Err(format!("{}: holds {seen} of the network's {} variables", path.display(), vars.len()));
+            return Err(fail(format!("holds {seen} of the network's {} variables", vars.len())));
         }
+        self.sgd.buffers = buffers;
+        self.scaler = scaler;
         Ok(())
-    }
-
-    fn flat_parameters(&self) -> Vec<f32> {
-        let mut names: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        names.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out = Vec::new();
-        for (_, t) in names {
-            let v: Vec<f32> = Vec::try_from(t.to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default();
-            out.extend(v);
-        }
-        out
     }
 }

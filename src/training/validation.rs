@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::run::TrainOptions;
+use super::options::TrainOptions;
 use crate::dataset::Case;
 use crate::error::{Error, Result};
 use crate::evaluation::{score_pairs, write_scores};

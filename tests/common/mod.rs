@@ -76,6 +76,20 @@ pub fn preprocessed(tmp: &Path, cfg: cps3d::synth::SynthConfig, plan_args: &[&st
     out
 }
 
+/// Phantoms → a tiny plan (patch 16×32×32, features 8..32) → shards; five labeled
+/// cases (the fewest nnU-Net's five folds allow) and three unlabeled.
+pub fn tiny_shards(tmp: &Path) -> PathBuf {
+    let cfg = cps3d::synth::SynthConfig {
+        labeled: 5,
+        unlabeled: 3,
+        shape: [24, 48, 48],
+        seed: 3,
+        workers: 2,
+        ..Default::default()
+    };
+    preprocessed(tmp, cfg, &["--patch-size", "16,32,32", "--features", "8,16,32,32"])
+}
+
 /// A FLARE22 score table (`cps3d evaluate`'s CSV): its header and (case name, 26 scores) rows.
 pub fn score_table(csv: &Path) -> (String, Vec<(String, Vec<f64>)>) {
     let text = std::fs::read_to_string(csv).unwrap_or_else(|e| panic!("{}: {e}", csv.display()));

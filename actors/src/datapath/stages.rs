@@ -114,10 +114,7 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
                         })
                         .collect();
                     drop(ex);
-                    sh.fail(format!(
-                        "every {kind} shard failed {SHARD_ERROR_LIMIT} times: {}",
-                        failed.join("; ")
-                    ));
+                    sh.fail(format!("every {kind} shard failed {SHARD_ERROR_LIMIT} times: {}", failed.join("; ")));
                     return;
                 }
                 live[rng.random_range(0..live.len())]
@@ -210,6 +207,9 @@ fn augmenter(sh: &Shared, _id: usize) {
             return;
         }
         let t = Instant::now();
+        if crate::faults::injected("augmenter-panic").is_some() {
+            panic!("injected augmenter panic");
+        }
         let mut sample = sh.sample_pool.1.try_recv().unwrap_or_default();
         let mut raw = raw;
         if raw.region == cfg.patch && !raw.draw.spatial() {

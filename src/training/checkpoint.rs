@@ -1,0 +1,231 @@
+//! What a run leaves on disk, written so that nothing is lost beyond the current epoch:
+//!
+//! ```text
+//! RUN_DIR/.lock                one training process at a time
+//! RUN_DIR/log.jsonl            one line per epoch, each epoch exactly once
+//! RUN_DIR/checkpoints/epoch_NNNN/{net0,net1}.safetensors, state.json, plans.json
+//! RUN_DIR/latest.json, best.json, final.json   which checkpoint is which
+//! ```
+//!
+//! An epoch is committed by its checkpoint (written under a temporary name, renamed
+//! whole, then the pointers replaced atomically); its log line is appended after, and
+//! the checkpoint's `state.json` carries that line too, so a run killed between the
+//! two gets it back on resume, and a killed run's partial epoch is never logged.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::options::TrainOptions;
+use super::schedule::LrState;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub lr: f64,
+    pub lambda: f64,
+    pub loss: Vec<f64>,
+    pub sup_loss: Vec<f64>,
+    pub cps_loss: Vec<f64>,
+    /// Per network, per foreground class (NaN where the class is absent from validation).
+    pub pseudo_dice: Vec<Vec<f64>>,
+    pub mean_pseudo_dice: f64,
+    pub ema_pseudo_dice: f64,
+    pub step_seconds: f64,
+    pub data_wait: f64,
+    pub epoch_seconds: f64,
+}
+
+/// Everything a resumed run needs besides the networks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub epoch: usize,
+    pub ema: f64,
+    pub best_ema: f64,
+    #[serde(flatten)]
+    pub lr: LrState,
+    pub options: TrainOptions,
+    /// This epoch's log line (restored into `log.jsonl` if the run died before it).
+    #[serde(default)]
+    pub log: Option<EpochLog>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pointer {
+    pub checkpoint: String,
+    pub epoch: usize,
+}
+
+/// The latest checkpoint's state and folder, if the run has one.
+pub fn latest(run: &Path) -> Result<Option<(State, PathBuf)>> {
+    let pointer = run.join("latest.json");
+    let text = match std::fs::read_to_string(&pointer) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&pointer, e)),
+    };
+    let p: Pointer = serde_json::from_str(&text).map_err(|e| Error::json(&pointer, e))?;
+    let dir = run.join(&p.checkpoint);
+    let state_path = dir.join("state.json");
+    let s: State = serde_json::from_str(&std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?)
+        .map_err(|e| Error::json(&state_path, e))?;
+    Ok(Some((s, dir)))
+}
+
+/// Whether `run` holds a previous run's results (which a new run would destroy).
+pub fn has_results(run: &Path) -> bool {
+    ["log.jsonl", "latest.json", "final.json"].iter().any(|f| run.join(f).exists())
+        || std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Removes a previous run's results (`train --overwrite`).
+pub fn clear_results(run: &Path) -> Result<()> {
+    for f in ["log.jsonl", "latest.json", "best.json", "final.json", "progress.png"] {
+        match std::fs::remove_file(run.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(run.join(f), e)),
+        }
+    }
+    for d in ["checkpoints", "validation"] {
+        if run.join(d).exists() {
+            std::fs::remove_dir_all(run.join(d)).map_err(|e| Error::io(run.join(d), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every epoch logged so far (a resumed run continues the same log).
+pub fn read_log(path: &Path) -> Vec<EpochLog> {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .unwrap_or_default()
+}
+
+pub fn append_log(path: &Path, log: &EpochLog) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let line = serde_json::to_string(log).map_err(|e| Error::json(path, e))?;
+    writeln!(f, "{line}").and_then(|_| f.sync_data()).map_err(|e| Error::io(path, e))
+}
+
+/// Makes `log.jsonl` hold each epoch up to the checkpoint's exactly once: lines of
+/// epochs after it (whose checkpoint never landed), repeated lines and a torn last
+/// line go; the checkpoint's own line comes back if the run died before writing it.
+pub fn repair_log(path: &Path, state: &State) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut by_epoch: std::collections::BTreeMap<usize, String> = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Ok(l) = serde_json::from_str::<EpochLog>(line) {
+            if l.epoch <= state.epoch {
+                by_epoch.insert(l.epoch, line.to_string());
+            }
+        }
+    }
+    if let Some(l) = &state.log {
+        by_epoch.entry(l.epoch).or_insert(serde_json::to_string(l).map_err(|e| Error::json(path, e))?);
+    }
+    let mut repaired = by_epoch.into_values().collect::<Vec<_>>().join("\n");
+    if !repaired.is_empty() {
+        repaired.push('\n');
+    }
+    if repaired != text {
+        tracing::info!("{}: repaired to one line per epoch up to epoch {}", path.display(), state.epoch);
+        crate::util::write_atomic(path, repaired.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Moves the pointers to a checkpoint folder that is complete under its final name;
+/// removes older checkpoints that no pointer names.
+pub fn commit(run: &Path, name: &str, epoch: usize, best: bool, last: bool) -> Result<()> {
+    let pointer = Pointer { checkpoint: name.to_string(), epoch };
+    crate::util::write_json_atomic(&run.join("latest.json"), &pointer)?;
+    if best {
+        crate::util::write_json_atomic(&run.join("best.json"), &pointer)?;
+    }
+    if last {
+        crate::util::write_json_atomic(&run.join("final.json"), &pointer)?;
+    }
+    let keep: Vec<String> = ["latest.json", "best.json", "final.json"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(run.join(p)).ok())
+        .filter_map(|t| serde_json::from_str::<Pointer>(&t).ok())
+        .map(|p| p.checkpoint)
+        .collect();
+    for entry in std::fs::read_dir(run.join("checkpoints")).map_err(|e| Error::io(run, e))?.flatten() {
+        let rel = format!("checkpoints/{}", entry.file_name().to_string_lossy());
+        if !keep.contains(&rel) && !rel.contains(".tmp-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Syncs every file of a folder, then renames it to its final name.
+pub fn seal(tmp: &Path, final_dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))?.flatten() {
+        if let Ok(f) = std::fs::File::open(entry.path()) {
+            f.sync_all().map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(final_dir);
+    std::fs::rename(tmp, final_dir).map_err(|e| Error::io(final_dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(epoch: usize) -> EpochLog {
+        EpochLog {
+            epoch,
+            lr: 0.01,
+            lambda: 0.0,
+            loss: vec![1.0],
+            sup_loss: vec![1.0],
+            cps_loss: vec![0.0],
+            pseudo_dice: vec![],
+            mean_pseudo_dice: 0.0,
+            ema_pseudo_dice: 0.0,
+            step_seconds: 0.1,
+            data_wait: 0.0,
+            epoch_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_log_holds_each_checkpointed_epoch_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        // A log as an old build could leave it: epoch 1 twice, an epoch past the
+        // checkpoint, a torn last line, and the checkpoint's epoch (2) missing.
+        let mut text = String::new();
+        for e in [0, 1, 1, 3] {
+            text.push_str(&serde_json::to_string(&log(e)).unwrap());
+            text.push('\n');
+        }
+        text.push_str("{\"epoch\": 4, \"lr\"");
+        std::fs::write(&path, text).unwrap();
+        let state = State {
+            epoch: 2,
+            ema: 0.0,
+            best_ema: 0.0,
+            lr: LrState { lr: 0.01, plateau_best: 0.0, plateau_wait: 0 },
+            options: TrainOptions::default(),
+            log: Some(log(2)),
+        };
+        repair_log(&path, &state).unwrap();
+        let epochs: Vec<usize> = read_log(&path).iter().map(|l| l.epoch).collect();
+        assert_eq!(epochs, [0, 1, 2]);
+        // Repairing again changes nothing.
+        let before = std::fs::read(&path).unwrap();
+        repair_log(&path, &state).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+}

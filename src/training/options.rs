@@ -1,0 +1,231 @@
+//! What a training run is asked to do: options, devices, the thread budget, and which
+//! options a resumed run may change (devices, epochs, iterations, workers) and which
+//! it may not (the data, the fold, the seed, the patch, one network or two).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub shards: PathBuf,
+    pub run_dir: PathBuf,
+    /// One device per trainer (both may be the same).
+    pub devices: Vec<String>,
+    pub supervised_only: bool,
+    pub epochs: Option<usize>,
+    pub iterations: Option<usize>,
+    pub seed: u64,
+    /// nnU-Net's fold: "0".."4" (splits_final.json) or "all".
+    #[serde(default = "default_fold")]
+    pub fold: String,
+    /// Batches of held-out patches per epoch for the pseudo-Dice (nnU-Net: 50).
+    #[serde(default = "default_val_iterations")]
+    pub val_iterations: usize,
+    /// At the end, predict every held-out case whole and score it (nnU-Net's
+    /// `perform_actual_validation`).
+    #[serde(default = "default_true")]
+    pub final_validation: bool,
+    /// Mirroring in that validation (nnU-Net: on).
+    #[serde(default = "default_true")]
+    pub val_mirror: bool,
+    pub loaders: usize,
+    pub augmenters: usize,
+    pub batchers: usize,
+    pub no_augment: bool,
+    pub patch: Option<[usize; 3]>,
+    /// CPU threads for libtorch, shared by the trainers on the CPU (default: all cores).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// How long a trainer waits for a batch or for its sibling's labels, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_fold() -> String {
+    "0".into()
+}
+
+fn default_val_iterations() -> usize {
+    50
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            shards: PathBuf::new(),
+            run_dir: PathBuf::new(),
+            devices: default_devices(),
+            supervised_only: false,
+            epochs: None,
+            iterations: None,
+            seed: 0,
+            fold: default_fold(),
+            val_iterations: default_val_iterations(),
+            final_validation: true,
+            val_mirror: true,
+            loaders: 1,
+            augmenters: 1,
+            batchers: 1,
+            no_augment: false,
+            patch: None,
+            threads: None,
+            timeout_seconds: default_timeout(),
+        }
+    }
+}
+
+/// Two GPUs if present, else both trainers on one GPU, else the CPU.
+pub fn default_devices() -> Vec<String> {
+    match tch::Cuda::device_count() {
+        0 => vec!["cpu".into(), "cpu".into()],
+        1 => vec!["cuda:0".into(), "cuda:0".into()],
+        _ => vec!["cuda:0".into(), "cuda:1".into()],
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => match s.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) if (i as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(i)),
+            Some(i) => Err(Error::invalid(
+                "--devices",
+                format!("cuda:{i} requested, {} CUDA device(s) visible", tch::Cuda::device_count()),
+            )),
+            None => Err(Error::invalid("--devices", format!("\"{s}\" is not cpu or cuda:N"))),
+        },
+    }
+}
+
+impl TrainOptions {
+    /// The trainers' devices: one per sibling (two, or one with `--supervised-only`;
+    /// a single device serves both siblings).
+    pub fn trainer_devices(&self) -> Result<Vec<Device>> {
+        let wanted = if self.supervised_only { 1 } else { 2 };
+        if self.devices.is_empty() || self.devices.len() > 2 {
+            return Err(Error::invalid(
+                "--devices",
+                format!(
+                    "{} device(s) given ({}): one or two, one per sibling",
+                    self.devices.len(),
+                    self.devices.join(",")
+                ),
+            ));
+        }
+        let devices: Vec<Device> = self.devices.iter().map(|d| parse_device(d)).collect::<Result<_>>()?;
+        Ok((0..wanted).map(|i| *devices.get(i).unwrap_or(&devices[0])).collect())
+    }
+
+    /// Refuses numbers that cannot work, naming the flag.
+    pub fn check(&self) -> Result<()> {
+        let positive = |name: &str, v: Option<usize>| match v {
+            Some(0) => Err(Error::invalid(name, "must be at least 1")),
+            _ => Ok(()),
+        };
+        positive("--epochs", self.epochs)?;
+        positive("--iterations", self.iterations)?;
+        positive("--threads", self.threads)?;
+        for (name, v) in [("--loaders", self.loaders), ("--augmenters", self.augmenters), ("--batchers", self.batchers)]
+        {
+            if v == 0 || v > 256 {
+                return Err(Error::invalid(name, format!("{v} worker(s): 1 to 256")));
+            }
+        }
+        if self.timeout_seconds == 0 {
+            return Err(Error::invalid("--timeout", "must be at least 1 second"));
+        }
+        self.trainer_devices().map(|_| ())
+    }
+
+    /// libtorch's CPU threads: the budget split among the trainers on the CPU (both run
+    /// at once, and libtorch's pool is shared), so that they do not oversubscribe the
+    /// cores. `None` when no trainer runs on the CPU.
+    pub fn torch_threads(&self, devices: &[Device]) -> Option<usize> {
+        let on_cpu = devices.iter().filter(|d| **d == Device::Cpu).count();
+        if on_cpu == 0 {
+            return None;
+        }
+        let budget = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Some((budget / on_cpu).max(1))
+    }
+}
+
+/// What `train --resume` may ask for; `None` keeps the run's own value.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeRequest {
+    pub shards: Option<PathBuf>,
+    pub devices: Option<Vec<String>>,
+    pub epochs: Option<usize>,
+    pub iterations: Option<usize>,
+    pub supervised_only: Option<bool>,
+    pub fold: Option<String>,
+    pub seed: Option<u64>,
+    pub patch: Option<[usize; 3]>,
+    pub no_augment: Option<bool>,
+    pub loaders: Option<usize>,
+    pub augmenters: Option<usize>,
+    pub batchers: Option<usize>,
+    pub threads: Option<usize>,
+}
+
+/// The options of the run in `run_dir` (its `train.json`) with what a resume may change
+/// applied; a change that would make it another run is refused with the reason.
+pub fn resume_options(run_dir: &Path, req: &ResumeRequest) -> Result<TrainOptions> {
+    let path = run_dir.join("train.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let mut o: TrainOptions = serde_json::from_str(&text).map_err(|e| Error::json(&path, e))?;
+    o.run_dir = run_dir.to_path_buf();
+    let fixed = |name: &str, same: bool, why: &str| -> Result<()> {
+        if same {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                run_dir,
+                format!("{name} cannot change when resuming ({why}); start a new run (--out) instead"),
+            ))
+        }
+    };
+    if let Some(s) = &req.shards {
+        let same = std::fs::canonicalize(s).ok().as_deref() == Some(o.shards.as_path()) || *s == o.shards;
+        fixed("SHARDS", same, &format!("the run trains on {}", o.shards.display()))?;
+    }
+    if let Some(v) = req.supervised_only {
+        fixed("--supervised-only", v == o.supervised_only, "it decides whether there are one or two networks")?;
+    }
+    if let Some(v) = &req.fold {
+        fixed("--fold", *v == o.fold, &format!("the run holds out fold {}", o.fold))?;
+    }
+    if let Some(v) = req.seed {
+        fixed("--seed", v == o.seed, "it decides every batch")?;
+    }
+    if let Some(v) = req.patch {
+        fixed("--patch", Some(v) == o.patch, "the networks were trained on the run's patch")?;
+    }
+    if let Some(v) = req.no_augment {
+        fixed("--no-augment", v == o.no_augment, "the batches would change")?;
+    }
+    if let Some(d) = &req.devices {
+        // A run started on two GPUs may go on on one, or on the CPU.
+        o.devices = d.clone();
+    }
+    o.epochs = req.epochs.or(o.epochs);
+    o.iterations = req.iterations.or(o.iterations);
+    o.loaders = req.loaders.unwrap_or(o.loaders);
+    o.augmenters = req.augmenters.unwrap_or(o.augmenters);
+    o.batchers = req.batchers.unwrap_or(o.batchers);
+    o.threads = req.threads.or(o.threads);
+    o.check()?;
+    Ok(o)
+}
