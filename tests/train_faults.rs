@@ -136,6 +136,11 @@ fn a_second_device_that_cannot_start_is_named_at_once() {
     args[i] = "cpu,cpu,cpu";
     let (o, _) = run_guarded(&args, None, Duration::from_secs(30));
     assert!(!o.status.success() && stderr(&o).contains("one or two"), "{}", stderr(&o));
+    // A patch the network cannot take (it panicked inside torch) is explained.
+    let mut args = train_args(&sh, &run, "2");
+    args.extend(["--patch", "17,33,33"]);
+    let (o, _) = run_guarded(&args, None, Duration::from_secs(30));
+    assert!(!o.status.success() && stderr(&o).contains("must be a positive multiple of"), "{}", stderr(&o));
 }
 
 #[test]

@@ -229,3 +229,21 @@ pub fn resume_options(run_dir: &Path, req: &ResumeRequest) -> Result<TrainOption
     o.check()?;
     Ok(o)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thread_budget_is_split_between_the_trainers_on_the_cpu() {
+        let opts = TrainOptions { threads: Some(8), ..Default::default() };
+        assert_eq!(opts.torch_threads(&[Device::Cpu, Device::Cpu]), Some(4));
+        assert_eq!(opts.torch_threads(&[Device::Cpu]), Some(8));
+        // A trainer on a GPU takes no CPU threads from the budget.
+        assert_eq!(opts.torch_threads(&[Device::Cuda(0), Device::Cpu]), Some(8));
+        assert_eq!(opts.torch_threads(&[Device::Cuda(0), Device::Cuda(1)]), None);
+        // Never below one thread each.
+        let one = TrainOptions { threads: Some(1), ..Default::default() };
+        assert_eq!(one.torch_threads(&[Device::Cpu, Device::Cpu]), Some(1));
+    }
+}
