@@ -20,20 +20,52 @@ use super::options::TrainOptions;
 use super::schedule::LrState;
 use crate::error::{Error, Result};
 
+/// JSON has no NaN (serde_json writes it as `null`): these read `null` back as NaN, so
+/// that a log line or state with an absent class's NaN pseudo-Dice can be read again.
+pub(crate) mod nan {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Ok(Vec::<Option<f64>>::deserialize(d)?.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+    }
+
+    pub fn lists<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<f64>>, D::Error> {
+        Ok(Vec::<Vec<Option<f64>>>::deserialize(d)?
+            .into_iter()
+            .map(|v| v.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+            .collect())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EpochLog {
     pub epoch: usize,
+    #[serde(deserialize_with = "nan::scalar")]
     pub lr: f64,
+    #[serde(deserialize_with = "nan::scalar")]
     pub lambda: f64,
+    #[serde(deserialize_with = "nan::list")]
     pub loss: Vec<f64>,
+    #[serde(deserialize_with = "nan::list")]
     pub sup_loss: Vec<f64>,
+    #[serde(deserialize_with = "nan::list")]
     pub cps_loss: Vec<f64>,
     /// Per network, per foreground class (NaN where the class is absent from validation).
+    #[serde(deserialize_with = "nan::lists")]
     pub pseudo_dice: Vec<Vec<f64>>,
+    #[serde(deserialize_with = "nan::scalar")]
     pub mean_pseudo_dice: f64,
+    #[serde(deserialize_with = "nan::scalar")]
     pub ema_pseudo_dice: f64,
+    #[serde(deserialize_with = "nan::scalar")]
     pub step_seconds: f64,
+    #[serde(deserialize_with = "nan::scalar")]
     pub data_wait: f64,
+    #[serde(deserialize_with = "nan::scalar")]
     pub epoch_seconds: f64,
 }
 
@@ -41,7 +73,9 @@ pub struct EpochLog {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
     pub epoch: usize,
+    #[serde(deserialize_with = "nan::scalar")]
     pub ema: f64,
+    #[serde(deserialize_with = "nan::scalar")]
     pub best_ema: f64,
     #[serde(flatten)]
     pub lr: LrState,
@@ -227,5 +261,29 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
         repair_log(&path, &state).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn nan_pseudo_dice_survives_the_log_and_the_state() {
+        // A class absent from validation has a NaN pseudo-Dice, which JSON stores as null.
+        let mut l = log(3);
+        l.pseudo_dice = vec![vec![0.5, f64::NAN], vec![f64::NAN, 0.25]];
+        l.mean_pseudo_dice = f64::NAN;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        append_log(&path, &l).unwrap();
+        let back = read_log(&path);
+        assert_eq!(back.len(), 1, "the line is read back, not skipped");
+        assert!(back[0].pseudo_dice[0][1].is_nan() && back[0].mean_pseudo_dice.is_nan());
+        assert_eq!(back[0].pseudo_dice[1][1], 0.25);
+        let state: serde_json::Value = serde_json::json!({
+            "epoch": 3, "ema": null, "best_ema": null, "options": TrainOptions::default(),
+            "log": serde_json::to_value(&l).unwrap(),
+        });
+        let mut state = state.as_object().unwrap().clone();
+        let lr = LrState { lr: 0.01, plateau_best: f64::NAN, plateau_wait: 0 };
+        state.extend(serde_json::to_value(lr).unwrap().as_object().unwrap().clone());
+        let s: State = serde_json::from_value(serde_json::Value::Object(state)).unwrap();
+        assert!(s.ema.is_nan() && s.lr.plateau_best.is_nan() && s.log.unwrap().pseudo_dice[0][1].is_nan());
     }
 }
