@@ -65,21 +65,31 @@ fn the_enlarged_patch_and_the_dummy_2d_rule_are_nnunets() {
     let cfg = AugmentConfig::default();
     let mut checked = 0;
     for case in g["initial_patch"].as_array().unwrap() {
-        let patch = case["patch"].as_array().unwrap();
-        if patch.len() != 3 {
-            continue; // 2D configurations do not stream through this data path yet
+        let dims: Vec<usize> = case["patch"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let initial: Vec<usize> =
+            case["initial"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        // A 2D configuration's patch streams as one slice: (1, y, x).
+        let (patch, want_region) = if dims.len() == 2 {
+            ([1, dims[0], dims[1]], [1, initial[0], initial[1]])
+        } else {
+            ([dims[0], dims[1], dims[2]], [initial[0], initial[1], initial[2]])
+        };
+        if dims.len() == 3 {
+            assert_eq!(AugmentConfig::dummy_2d(patch), case["dummy_2d"].as_bool().unwrap(), "{case}");
         }
-        let patch = arr3(&case["patch"]);
-        assert_eq!(AugmentConfig::dummy_2d(patch), case["dummy_2d"].as_bool().unwrap(), "{case}");
-        assert_eq!(cfg.source_region(patch), arr3(&case["initial"]), "{case}");
+        assert_eq!(cfg.source_region(patch), want_region, "{case}");
         let a = Augmenter::new(cfg, patch, 1, &[]).unwrap();
         let want_deg = case["rotation_max_degrees"].as_f64().unwrap();
         let got_deg =
-            if a.dummy_2d() { cfg.spatial.dummy_2d_rotation_degrees } else { cfg.spatial.rotation_degrees[0] } as f64;
+            if a.dummy_2d() { cfg.in_plane_rotation_degrees(patch) } else { cfg.spatial.rotation_degrees[0] } as f64;
         assert!((got_deg - want_deg).abs() < 1e-9, "{case}");
+        // Mirroring a single slice along z is the identity: nnU-Net's 2D axes (y, x) remain.
+        let want_mirror: Vec<u64> =
+            case["mirror_axes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(want_mirror.len(), dims.len(), "{case}");
         checked += 1;
     }
-    assert!(checked >= 8);
+    assert!(checked >= 10);
 }
 
 #[test]
@@ -150,7 +160,8 @@ fn rotation_and_scaling_reproduce_batchgeneratorsv2s_spatial_transform() {
     let g = golden();
     for case in g["spatial"].as_array().unwrap() {
         let (region, patch) = (arr3(&case["region"]), arr3(&case["patch"]));
-        let dummy = case["dummy_2d"].as_bool().unwrap();
+        // A 2D configuration's single slice is augmented in-plane, like the dummy-2D case.
+        let dummy = case["dummy_2d"].as_bool().unwrap() || case["two_d"].as_bool().unwrap_or(false);
         let angles: Option<Vec<f64>> =
             case["angles"].as_array().map(|a| a.iter().map(|v| v.as_f64().unwrap()).collect());
         let scale = case["scale"].as_f64();

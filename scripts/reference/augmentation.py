@@ -10,7 +10,8 @@ Writes tests/golden/augmentation.json with, from nnunetv2 2.8.1 and batchgenerat
   - noise: moments of the standard deviation GaussianNoiseTransform((0, 0.1)) draws;
   - spatial: SpatialTransform (nnU-Net's settings: bilinear image, one-hot bilinear labels with
     padding label -1, nearest tie-break) applied to a fixed volume with fixed angles and scales,
-    in 3D and in nnU-Net's dummy-2D mode (Convert3DTo2DTransform around a 2D SpatialTransform).
+    in 3D, in nnU-Net's dummy-2D mode (Convert3DTo2DTransform around a 2D SpatialTransform), and
+    on single slices as nnU-Net's 2D configuration augments them.
 
 The inputs are defined by formulas that tests/augmentation_golden.rs (actors crate) recomputes.
 Run in a throwaway venv (no GPU needed):
@@ -154,19 +155,29 @@ def spatial_cases():
         ((6, 30, 34), (6, 20, 24), (2.5, 1.0), 1.2, True),
         ((6, 30, 34), (6, 20, 24), (-1.0, 0.7), None, True),
         ((6, 30, 34), (6, 20, 24), None, None, True),
+        # A 2D configuration: one slice, batchgeneratorsv2's 2D SpatialTransform on (c, y, x).
+        ((1, 30, 34), (1, 20, 24), (0.0, 0.8), 1.2, '2d'),
+        ((1, 30, 34), (1, 20, 24), (0.0, -2.6), None, '2d'),
+        ((1, 31, 29), (1, 20, 24), None, 0.8, '2d'),
     ]
-    for region, patch, angles, scale, dummy in specs:
+    for region, patch, angles, scale, mode in specs:
         image, seg = volume(region)
+        two_d = mode == '2d'
+        dummy = mode is True
         p_rot = 1 if angles is not None else 0
         p_scale = 1 if scale is not None else 0
         rot = (lambda image, dim, a=angles: a[dim]) if angles is not None else 0
-        st = SpatialTransform(patch[1:] if dummy else patch, patch_center_dist_from_border=0, random_crop=False,
+        st = SpatialTransform(patch[1:] if dummy or two_d else patch, patch_center_dist_from_border=0, random_crop=False,
                               p_elastic_deform=0, p_rotation=p_rot, rotation=rot, p_scaling=p_scale,
                               scaling=scale if scale is not None else 1, p_synchronize_scaling_across_axes=1,
                               bg_style_seg_sampling=False, border_mode_seg='constant', padding_value_seg=-1)
         t = ComposeTransforms([Convert3DTo2DTransform(), st, Convert2DTo3DTransform()]) if dummy else st
-        out = t(image=torch.from_numpy(image[None].copy()), segmentation=torch.from_numpy(seg[None].copy()))
+        if two_d:
+            out = t(image=torch.from_numpy(image[0][None].copy()), segmentation=torch.from_numpy(seg[0][None].copy()))
+        else:
+            out = t(image=torch.from_numpy(image[None].copy()), segmentation=torch.from_numpy(seg[None].copy()))
         cases.append({'region': region, 'patch': patch, 'angles': angles, 'scale': scale, 'dummy_2d': dummy,
+                      'two_d': two_d,
                       'image': [round(float(v), 7) for v in out['image'][0].numpy().ravel()],
                       'labels': [int(v) for v in out['segmentation'][0].numpy().ravel()]})
     return cases

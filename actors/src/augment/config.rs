@@ -35,10 +35,19 @@ pub struct SpatialConfig {
     /// that nnU-Net augments in 2D (`do_dummy_2d_data_aug`: largest edge > 3 × z edge).
     #[serde(default = "default_dummy_2d_rotation")]
     pub dummy_2d_rotation_degrees: f32,
+    /// In-plane rotation range (±degrees) of a 2D configuration's patch (z = 1) whose
+    /// longer edge is more than 1.5 × the shorter (nnU-Net: 15°; square-ish 2D patches
+    /// use `dummy_2d_rotation_degrees`, 180°, as nnU-Net's 2D trainer).
+    #[serde(default = "default_elongated_2d_rotation")]
+    pub elongated_2d_rotation_degrees: f32,
 }
 
 fn default_dummy_2d_rotation() -> f32 {
     180.0
+}
+
+fn default_elongated_2d_rotation() -> f32 {
+    15.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -109,6 +118,7 @@ impl Default for AugmentConfig {
                 scaling: Range::new(0.7, 1.4),
                 region_min_scale: 0.85,
                 dummy_2d_rotation_degrees: 180.0,
+                elongated_2d_rotation_degrees: 15.0,
             },
             noise: NoiseConfig { enabled: true, p: 0.1, sigma: Range::new(0.0, 0.1) },
             blur: BlurConfig { enabled: true, p: 0.2, p_per_channel: 0.5, sigma: Range::new(0.5, 1.0) },
@@ -140,10 +150,23 @@ impl AugmentConfig {
 
     /// Whether nnU-Net augments this patch in 2D (`do_dummy_2d_data_aug`): the largest
     /// edge is more than 3 × the z edge. Rotation and scaling then act in-plane only and
-    /// low-resolution simulation leaves z alone.
+    /// low-resolution simulation leaves z alone. A 2D configuration's patch (z = 1) is
+    /// always augmented in-plane: nnU-Net's 2D trainer rotates and scales in 2D.
     pub fn dummy_2d(patch: [usize; 3]) -> bool {
         let max = *patch.iter().max().unwrap_or(&1) as f64;
-        max / patch[0].max(1) as f64 > 3.0
+        patch[0] == 1 || max / patch[0].max(1) as f64 > 3.0
+    }
+
+    /// The in-plane rotation range (±degrees) when augmenting in-plane: nnU-Net's
+    /// 2D rule for a 2D configuration's patch (z = 1: ±15° when its longer edge is more
+    /// than 1.5 × the shorter, else ±180°), and ±180° in the dummy-2D case.
+    pub fn in_plane_rotation_degrees(&self, patch: [usize; 3]) -> f32 {
+        let (long, short) = (patch[1].max(patch[2]) as f64, patch[1].min(patch[2]).max(1) as f64);
+        if patch[0] == 1 && long / short > 1.5 {
+            self.spatial.elongated_2d_rotation_degrees
+        } else {
+            self.spatial.dummy_2d_rotation_degrees
+        }
     }
 
     /// The region the loader reads around the patch (nnU-Net's "initial patch size",
@@ -160,8 +183,10 @@ impl AugmentConfig {
         let dummy = Self::dummy_2d(patch);
         let v: [f64; 3] = std::array::from_fn(|a| patch[a] as f64);
         let mut extent = v;
-        for axis in 0..3 {
-            let deg = if dummy { self.spatial.dummy_2d_rotation_degrees } else { self.spatial.rotation_degrees[axis] };
+        // A 2D configuration's patch turns about z only (nnU-Net's 2D `get_patch_size`).
+        let axes = if patch[0] == 1 { 0..1 } else { 0..3 };
+        for axis in axes {
+            let deg = if dummy { self.in_plane_rotation_degrees(patch) } else { self.spatial.rotation_degrees[axis] };
             let t = (deg.abs() as f64).min(90.0).to_radians();
             let (s, c) = t.sin_cos();
             // v · R_axis(t): the rotation about one axis mixes the other two.

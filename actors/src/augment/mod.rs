@@ -206,7 +206,7 @@ impl Augmenter {
             };
             if rng.random_bool(c.spatial.p_rotation) {
                 d.rotation = Some(if self.dummy_2d {
-                    [angle(rng, c.spatial.dummy_2d_rotation_degrees), 0.0, 0.0]
+                    [angle(rng, c.in_plane_rotation_degrees(self.patch)), 0.0, 0.0]
                 } else {
                     std::array::from_fn(|a| angle(rng, c.spatial.rotation_degrees[a]))
                 });
