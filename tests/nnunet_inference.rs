@@ -22,8 +22,10 @@ use cps3d::io::{self, Geometry};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inference")
+/// `inference` (the 3D model) or `inference_2d` (the 2D model): the committed model,
+/// the folder the script reads and the golden file's name.
+fn golden_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
 }
 
 fn sha256(path: &Path) -> String {
@@ -74,8 +76,8 @@ fn write_inputs(dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
-fn golden() -> serde_json::Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inference.json");
+fn golden(name: &str) -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -93,8 +95,7 @@ fn decode_labels(b64: &str) -> Vec<u8> {
 
 /// Our logits at the golden positions: `[position][class]`.
 fn our_logits(model: &Model, mirror: bool, positions: &[[usize; 3]], classes: usize) -> Vec<Vec<f32>> {
-    let conf = model.plans.configuration(&model.configuration).unwrap();
-    let tile = [conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]];
+    let tile = model.tile();
     let [z, y, x] = VOLUME.map(|v| v as i64);
     let vol = Tensor::from_slice(&volume(VOLUME)).reshape([1, z, y, x]);
     let logits = sliding::sliding_window(&vol, tile, 0.5, classes, 2, |t| model.logits(t, mirror)).to_kind(Kind::Float);
@@ -110,6 +111,18 @@ fn our_logits(model: &Model, mirror: bool, positions: &[[usize; 3]], classes: us
 
 #[test]
 fn inference_matches_nnunets_predictor_on_our_exported_model() {
+    matches_nnunets_predictor("inference", false);
+}
+
+/// The 2D configuration: nnU-Net predicts each slice with in-plane tiles and mirrors
+/// y and x only.
+#[test]
+fn inference_2d_matches_nnunets_predictor_on_our_exported_model() {
+    matches_nnunets_predictor("inference_2d", true);
+}
+
+fn matches_nnunets_predictor(name: &str, two_d: bool) {
+    let golden_dir = || golden_dir(name);
     let model_dir = golden_dir().join("model");
     let tmp = tempfile::tempdir().unwrap();
     let write = std::env::var_os("CPS3D_WRITE_GOLDEN_INFERENCE").is_some();
@@ -120,6 +133,7 @@ fn inference_matches_nnunets_predictor_on_our_exported_model() {
     let ours = if write { golden_dir().join("ours") } else { tmp.path().join("ours") };
     std::fs::create_dir_all(&ours).unwrap();
     let ensemble = Model::load(&model_dir, "final", Device::Cpu, true).unwrap();
+    assert_eq!(ensemble.is_2d(), two_d);
     let opts = PredictOptions { step: 0.5, largest_component: false, save_probabilities: true, ..Default::default() };
     for input in &inputs {
         let id = input.file_name().unwrap().to_string_lossy().trim_end_matches("_0000.nii.gz").to_string();
@@ -132,7 +146,7 @@ fn inference_matches_nnunets_predictor_on_our_exported_model() {
         eprintln!("wrote the inputs of scripts/reference/inference.py into {}", golden_dir().display());
         return;
     }
-    let g = golden();
+    let g = golden(name);
     // 1. The exported folder is exactly what nnU-Net loaded.
     for (rel, want) in g["sha256"].as_object().unwrap() {
         assert_eq!(sha256(&export.join(rel)), want.as_str().unwrap(), "{rel} differs from the file nnU-Net read");

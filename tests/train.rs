@@ -248,3 +248,58 @@ fn plan_settings_that_cannot_be_honoured_are_refused() {
     let e = cps3d::preprocessing::Manifest::read(&manifest).unwrap_err().to_string();
     assert!(e.contains("manifest.json") && e.contains("--overwrite"), "{e}");
 }
+
+#[test]
+fn the_2d_configuration_streams_slices_trains_with_cps_and_predicts_on_the_input_grid() {
+    use cps3d::training::data::{datapath_config, DataKnobs};
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards_2d(tmp.path());
+    let plans = cps3d::planning::plan::Plans::read(&shards.join("plans.json")).unwrap();
+    let conf = &plans.configurations["2d"];
+    // The data path: single slices (1, y, x), the 2D configuration's own batch for both
+    // halves, deep-supervision targets pooled in-plane only.
+    let cfg = datapath_config(&shards, &DataKnobs::default()).unwrap();
+    assert_eq!(cfg.patch, [1, 32, 32]);
+    assert_eq!((cfg.labeled_batch, cfg.unlabeled_batch), (conf.batch_size, conf.batch_size));
+    assert_ne!(conf.batch_size, plans.cps.labeled_batch, "the 2D batch is the 2D configuration's");
+    let mut dp = cps3d_actors::datapath::DataPath::start(cfg).unwrap();
+    let batch = dp.next(0, Duration::from_secs(30)).expect("a batch");
+    assert_eq!(batch.patch, [1, 32, 32]);
+    assert_eq!(batch.image.len(), 2 * conf.batch_size * 32 * 32);
+    assert_eq!(batch.labels.len(), conf.batch_size * 32 * 32);
+    assert_eq!(batch.ds_shapes, [[1, 16, 16], [1, 8, 8]]);
+    dp.stop();
+    // CPS training; the final validation predicts every training case whole with the
+    // 2D networks (step 0.5, in-plane mirroring).
+    let run_dir = tmp.path().join("run");
+    let opts = TrainOptions { fold: "all".into(), final_validation: true, ..options(&shards, &run_dir, 2, 3) };
+    let logs = train(&opts, Start::New, None, |_| {}).unwrap();
+    assert_eq!(logs.len(), 2);
+    assert!(logs.iter().all(|l| l.cps_loss.len() == 2 && l.loss.iter().all(|v| v.is_finite())));
+    assert!(logs[1].lambda > 0.0);
+    let run_plans = cps3d::planning::plan::Plans::read(&run_dir.join("plans.json")).unwrap();
+    assert_eq!(run_plans.cps.configuration, "2d");
+    assert_eq!(run_plans.cps.labeled_batch, conf.batch_size);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("validation/summary.json")).unwrap()).unwrap();
+    assert!(summary.to_string().contains("ensemble"), "{summary}");
+    // Predictions on the input's exact grid, RAS and LPS files alike.
+    let model = cps3d::inference::Model::load(&run_dir, "final", tch::Device::Cpu, true).unwrap();
+    assert!(model.is_2d());
+    assert_eq!(model.tile(), [1, 32, 32]);
+    let raw = cps3d::dataset::RawDataset::open(&tmp.path().join("raw")).unwrap();
+    let mut layouts = std::collections::BTreeSet::new();
+    for case in raw.labeled.iter().take(3) {
+        let out = tmp.path().join("pred").join(format!("{}.nii.gz", case.id));
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let o = cps3d::inference::PredictOptions { step: 0.5, mirror: true, ..Default::default() };
+        let r = cps3d::inference::predict_case(&model, case, &out, &o).unwrap();
+        let img = cps3d::io::read_header(&case.images[0]).unwrap();
+        let pred = cps3d::io::read_labels(&out).unwrap();
+        assert_eq!(cps3d::dataset::check::geometry_mismatch(&img, &pred.geometry), None, "{}", case.id);
+        // In-plane resampling only: the network grid keeps the scan's slices.
+        assert_eq!(r.network_shape[0], img.shape()[0]);
+        layouts.insert(img.axis_codes());
+    }
+    assert!(layouts.contains("RAS") && layouts.contains("LPS"), "{layouts:?}");
+}

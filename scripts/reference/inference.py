@@ -7,6 +7,10 @@ file) and our own predictions with --save-probabilities:
 then, in a throwaway venv:
     python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install nnunetv2==2.8.1
     /tmp/refvenv/bin/python scripts/reference/inference.py
+    /tmp/refvenv/bin/python scripts/reference/inference.py 2d
+The second run does the same for the committed 2D model (tests/golden/inference_2d/model, a 2D
+configuration: nnU-Net predicts slice by slice with in-plane tiles and mirrors y and x only) into
+tests/golden/inference_2d.json.
 It writes tests/golden/inference.json with
   - the sha256 of every exported file and input it read;
   - nnUNetPredictor.predict_sliding_window_return_logits (step 0.5, Gaussian) on a fixed volume, fold 0
@@ -22,6 +26,7 @@ import base64
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import zlib
 from importlib.metadata import version
@@ -36,7 +41,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 HERE = os.path.dirname(__file__)
 GOLDEN = os.path.join(HERE, '..', '..', 'tests', 'golden')
-FOLDER = os.path.join(GOLDEN, 'inference')
+# `inference.py 2d` checks the 2D model (tests/golden/inference_2d → inference_2d.json).
+NAME = 'inference_2d' if sys.argv[1:] == ['2d'] else 'inference'
+FOLDER = os.path.join(GOLDEN, NAME)
 MODEL = os.path.join(FOLDER, 'nnunet_model')
 VOLUME = (22, 44, 46)
 
@@ -154,7 +161,7 @@ def main():
                 'probabilities': samples,
                 'nnunet_ensemble_of_our_npz_equals_our_labels': same,
             }
-    with open(os.path.join(GOLDEN, 'inference.json'), 'w') as f:
+    with open(os.path.join(GOLDEN, NAME + '.json'), 'w') as f:
         json.dump(out, f, separators=(',', ':'))
 
 

@@ -210,13 +210,37 @@ impl Model {
         self.nets.len()
     }
 
-    /// Mean logits of every network (and, with `mirror`, of nnU-Net's 7 mirrored copies
-    /// as well) for a batch of tiles `[n, C, tile]` on the model's device.
+    fn conf(&self) -> &crate::planning::plan::ConfigurationPlan {
+        self.plans.configuration(&self.configuration).expect("checked at load")
+    }
+
+    /// Whether the networks are 2D: they predict a volume slice by slice.
+    pub fn is_2d(&self) -> bool {
+        self.conf().network.dim == 2
+    }
+
+    /// The sliding-window tile (z, y, x): the patch, or one slice of it for a 2D network.
+    pub fn tile(&self) -> [usize; 3] {
+        crate::training::data::patch_zyx(&self.conf().patch_size).expect("checked at load")
+    }
+
+    /// The grid spacing the networks see for a case of `spacing` (a 2D configuration
+    /// keeps the case's z spacing, as preprocessing).
+    pub fn target_spacing(&self, spacing: [f64; 3]) -> [f64; 3] {
+        let target = crate::preprocessing::target_spacing(&self.plans, &self.configuration).expect("checked at load");
+        crate::preprocessing::case_target_spacing(target, spacing)
+    }
+
+    /// Mean logits of every network (and, with `mirror`, of nnU-Net's mirrored copies
+    /// as well: 7 in 3D, 3 in-plane for a 2D network) for a batch of tiles `[n, C, tile]`
+    /// on the model's device.
     pub fn logits(&self, tiles: &Tensor, mirror: bool) -> Tensor {
-        let flips: Vec<Vec<i64>> = if mirror {
-            vec![vec![], vec![2], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]]
-        } else {
-            vec![vec![]]
+        let flips: Vec<Vec<i64>> = match (mirror, self.is_2d()) {
+            (false, _) => vec![vec![]],
+            (true, true) => vec![vec![], vec![3], vec![4], vec![3, 4]],
+            (true, false) => {
+                vec![vec![], vec![2], vec![3], vec![4], vec![2, 3], vec![2, 4], vec![3, 4], vec![2, 3, 4]]
+            }
         };
         tch::no_grad(|| {
             let mut sum: Option<Tensor> = None;
@@ -252,11 +276,21 @@ fn check_plans(plans: &Plans, path: &Path) -> Result<()> {
     let Some(conf) = plans.configuration(name) else {
         return bad(format!("no configuration {name} (cps.configuration)"));
     };
-    if conf.spacing.len() != 3 || conf.spacing.iter().any(|&s| !(s > 0.0 && s.is_finite())) {
-        return bad(format!("{name}: spacing {:?}: inference needs 3 positive, finite values", conf.spacing));
+    let dims = conf.network.dim;
+    if !(dims == 2 || dims == 3)
+        || conf.spacing.len() != dims
+        || conf.spacing.iter().any(|&s| !(s > 0.0 && s.is_finite()))
+    {
+        return bad(format!(
+            "{name}: spacing {:?}: inference needs one positive, finite value per axis of its {dims}D network",
+            conf.spacing
+        ));
     }
-    if conf.patch_size.len() != 3 || conf.patch_size.contains(&0) {
-        return bad(format!("{name}: patch_size {:?}: inference needs 3 sizes, each at least 1", conf.patch_size));
+    if conf.patch_size.len() != dims || conf.patch_size.contains(&0) {
+        return bad(format!(
+            "{name}: patch_size {:?}: inference needs one size per axis of its {dims}D network, each at least 1",
+            conf.patch_size
+        ));
     }
     if plans.channels.is_empty() || plans.normalization.len() != plans.channels.len() {
         return bad(format!(
@@ -296,6 +330,7 @@ pub fn check_options(model: &Model, opts: &PredictOptions) -> Result<()> {
         return Err(Error::invalid("--step", format!("{s} is not in (0, 1] (a fraction of the tile)")));
     }
     let conf = model.plans.configuration(&model.configuration).expect("checked at load");
+    // (A 2D network's tiles are single slices: z moves slice by slice.)
     let smallest = conf.patch_size.iter().copied().min().unwrap_or(1).max(1);
     // Below one voxel the same tiles are computed over and over, without end.
     if s * (smallest as f64) < 1.0 {
@@ -336,15 +371,15 @@ fn check_case(model: &Model, case: &Case, opts: &PredictOptions) -> Result<()> {
         Some(f) => f.apply(header.spacing(), shape[0]),
         None => header.spacing(),
     };
-    let conf = model.plans.configuration(&model.configuration).expect("checked at load");
-    let target = [conf.spacing[0], conf.spacing[1], conf.spacing[2]];
+    let target = model.target_spacing(spacing);
+    let tile = model.tile();
     // As compute_new_shape, in floating point: absurd spacings must not overflow.
     let grid: Vec<f64> = (0..3).map(|a| (spacing[a] / target[a] * shape[a] as f64).round().max(1.0)).collect();
     let (raw, net): (f64, f64) = (shape.iter().map(|&n| n as f64).product(), grid.iter().product());
     let (c, k) = (channels as f64, model.plans.num_classes as f64);
     // Channels as read and the label maps; the resampled, z-scored and tensor copies of
     // the grid; the score and weight slabs (two tile heights of the grid's planes).
-    let slab = (2.0 * conf.patch_size[0] as f64).min(grid[0]) * grid[1] * grid[2];
+    let slab = (2.0 * tile[0] as f64).min(grid[0]) * grid[1] * grid[2];
     let need = raw * (4.0 * c + 2.0) + net * 12.0 * c + slab * (k + 1.0) * 8.0;
     let flag = if opts.forced_spacing.is_some() { "a coarser --forced-spacing" } else { "a coarser plan spacing" };
     crate::planning::plan::check_memory(
@@ -416,14 +451,13 @@ pub fn predict_case(model: &Model, case: &Case, out: &Path, opts: &PredictOption
     let loaded = Case { label: None, ..case.clone() }.load()?;
     let geometry = loaded.geometry;
     let channels = loaded.channels;
-    let conf = model.plans.configuration(&model.configuration).expect("checked at load");
-    let target = [conf.spacing[0], conf.spacing[1], conf.spacing[2]];
-    let tile = [conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]];
+    let tile = model.tile();
     let shape = geometry.shape();
     let spacing = match opts.forced_spacing {
         Some(f) => f.apply(geometry.spacing(), shape[0]),
         None => geometry.spacing(),
     };
+    let target = model.target_spacing(spacing);
     let bbox = nonzero_box(&channels);
     let cropped: [usize; 3] = std::array::from_fn(|a| bbox[a][1] - bbox[a][0]);
     let net_shape = compute_new_shape(cropped, spacing, target);

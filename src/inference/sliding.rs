@@ -16,12 +16,16 @@ use tch::{Device, Kind, Tensor};
 
 /// Tile origins along one axis: `ceil((size − tile)/(step·tile)) + 1` tiles spread
 /// evenly from 0 to `size − tile`, rounded half to even as numpy's `np.round`
-/// (nnU-Net's `compute_steps_for_sliding_window`).
+/// (nnU-Net's `compute_steps_for_sliding_window`). A one-voxel tile (a 2D network's
+/// slice) visits every position once, as nnU-Net's 2D predictor visits every slice.
 pub fn tile_starts(size: usize, tile: usize, step: f64) -> Vec<usize> {
     // Callers validate (inference::check_options); 0 or NaN would never end.
     assert!(step > 0.0 && step <= 1.0 && tile > 0, "sliding window: step {step} not in (0, 1] or tile {tile} empty");
     if size <= tile {
         return vec![0];
+    }
+    if tile == 1 {
+        return (0..size).collect();
     }
     let target = tile as f64 * step;
     let n = ((size - tile) as f64 / target).ceil() as usize + 1;
@@ -211,6 +215,9 @@ mod tests {
         let s = tile_starts(300, 128, 0.5);
         assert_eq!((*s.first().unwrap(), *s.last().unwrap()), (0, 300 - 128));
         assert!(s.windows(2).all(|w| w[1] - w[0] <= 64));
+        // Single slices: each once, whatever the step.
+        assert_eq!(tile_starts(5, 1, 0.5), vec![0, 1, 2, 3, 4]);
+        assert_eq!(tile_starts(1, 1, 0.5), vec![0]);
     }
 
     #[test]

@@ -162,8 +162,9 @@ pub fn resampling_of<'a>(plans: &'a Plans, configuration: &str) -> Result<&'a cr
     Ok(&c.resampling)
 }
 
-/// The target spacing of a configuration as (z, y, x).
-fn target_spacing(plans: &Plans, configuration: &str) -> Result<[f64; 3]> {
+/// The target spacing of a configuration as (z, y, x); NaN along z for a 2D
+/// configuration, whose slices keep their own spacing (see [`case_target_spacing`]).
+pub fn target_spacing(plans: &Plans, configuration: &str) -> Result<[f64; 3]> {
     let c = plans.configuration(configuration).ok_or_else(|| {
         Error::invalid(
             "plans",
@@ -176,6 +177,12 @@ fn target_spacing(plans: &Plans, configuration: &str) -> Result<[f64; 3]> {
         [y, x] => Ok([f64::NAN, *y, *x]),
         other => Err(Error::invalid("plans", format!("spacing {other:?} is neither 2D nor 3D"))),
     }
+}
+
+/// The spacing one case is resampled to: a 2D configuration keeps the case's own z
+/// spacing (nnU-Net: `[spacing[0]] + configuration.spacing`).
+pub fn case_target_spacing(target: [f64; 3], spacing: [f64; 3]) -> [f64; 3] {
+    [if target[0].is_nan() { spacing[0] } else { target[0] }, target[1], target[2]]
 }
 
 /// Reads, crops and resamples one case.
@@ -192,7 +199,7 @@ pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Resul
     let bbox = nonzero_box(&channels);
     let cropped_shape = [bbox[0][1] - bbox[0][0], bbox[1][1] - bbox[1][0], bbox[2][1] - bbox[2][0]];
     let spacing = geometry.spacing();
-    let target = [if target[0].is_nan() { spacing[0] } else { target[0] }, target[1], target[2]];
+    let target = case_target_spacing(target, spacing);
     let new_shape = compute_new_shape(cropped_shape, spacing, target);
     let sep = separate_axis(spacing, target, resampling_of(plans, configuration)?.anisotropy_threshold);
     let image = crop_clip_resample(channels, bbox, &plans.normalization, new_shape, sep);

@@ -59,30 +59,31 @@ pub fn datapath_config(shards: &Path, k: &DataKnobs) -> Result<DataPathConfig> {
     let conf = plans.configuration(&manifest.configuration).ok_or_else(|| {
         Error::invalid(shards.join("plans.json"), format!("no configuration {}", manifest.configuration))
     })?;
-    if conf.patch_size.len() != 3 {
-        return Err(Error::invalid(
-            shards,
-            format!(
-                "the data path streams 3D patches; configuration {} is {}D",
-                manifest.configuration,
-                conf.patch_size.len()
-            ),
-        ));
-    }
+    let plan_patch = patch_zyx(&conf.patch_size).ok_or_else(|| {
+        Error::invalid(
+            shards.join("plans.json"),
+            format!("configuration {}: patch_size {:?} is neither 2D nor 3D", manifest.configuration, conf.patch_size),
+        )
+    })?;
     let source = |c: &crate::preprocessing::ManifestCase| CaseSource { id: c.id.clone(), path: shards.join(&c.shard) };
     let labeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| c.labeled).map(source).collect();
     let unlabeled: Vec<CaseSource> = manifest.cases.iter().filter(|c| !c.labeled).map(source).collect();
-    let patch = k.patch.unwrap_or([conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]]);
+    let patch = k.patch.unwrap_or(plan_patch);
     let mut cfg = DataPathConfig::new(labeled, unlabeled, patch);
     cfg.channels = plans.channels.len();
-    cfg.labeled_batch = k.labeled.unwrap_or(plans.cps.labeled_batch);
-    cfg.unlabeled_batch = k.unlabeled.unwrap_or(plans.cps.unlabeled_batch);
+    let (labeled_batch, unlabeled_batch) = batch_sizes(&plans, &manifest.configuration);
+    cfg.labeled_batch = k.labeled.unwrap_or(labeled_batch);
+    cfg.unlabeled_batch = k.unlabeled.unwrap_or(unlabeled_batch);
     if cfg.unlabeled.is_empty() && k.unlabeled.is_none() {
         tracing::warn!("no unlabeled shards: batches hold labeled samples only");
         cfg.unlabeled_batch = 0;
     }
     cfg.augmentation = if k.no_augment { AugmentConfig::none() } else { plans.augmentation };
-    cfg.ds_scales = conf.deep_supervision_scales.iter().map(|s| [s[0], s[1], s[2]]).collect();
+    cfg.ds_scales = conf
+        .deep_supervision_scales
+        .iter()
+        .map(|s| if s.len() == 2 { [1.0, s[0], s[1]] } else { [s[0], s[1], s[2]] })
+        .collect();
     cfg.normalization = manifest.normalization.iter().map(normalize).collect();
     cfg.oversample_foreground = plans.cps.oversample_foreground;
     (cfg.loaders, cfg.augmenters, cfg.batchers) = (k.loaders, k.augmenters, k.batchers);
@@ -91,6 +92,26 @@ pub fn datapath_config(shards: &Path, k: &DataKnobs) -> Result<DataPathConfig> {
     cfg.open_shards_per_loader = k.open_shards;
     cfg.seed = k.seed;
     Ok(cfg)
+}
+
+/// A configuration's patch as the data path streams it, (z, y, x): a 2D configuration's
+/// (y, x) patch is one slice, (1, y, x), as nnU-Net's loader samples 2D patches.
+pub fn patch_zyx(patch: &[usize]) -> Option<[usize; 3]> {
+    match *patch {
+        [y, x] => Some([1, y, x]),
+        [z, y, x] => Some([z, y, x]),
+        _ => None,
+    }
+}
+
+/// Labeled and unlabeled samples per batch: the CPS settings' for the configuration they
+/// were planned with; another configuration (2D when the plan trains 3D) uses its own
+/// nnU-Net batch size for both (the paper's 2D arm: 12 + 12).
+pub fn batch_sizes(plans: &Plans, configuration: &str) -> (usize, usize) {
+    match plans.configuration(configuration) {
+        Some(c) if configuration != plans.cps.configuration => (c.batch_size, c.batch_size),
+        _ => (plans.cps.labeled_batch, plans.cps.unlabeled_batch),
+    }
 }
 
 /// The loader's normalisation of a shard channel: the z-score only, since CT shards are

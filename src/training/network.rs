@@ -167,7 +167,23 @@ impl UNet {
 
     /// Logits at every decoder level, full resolution first (nnU-Net's order); only
     /// the full-resolution one without deep supervision.
+    ///
+    /// A 2D network also takes the pipeline's volumes `[n, C, z, y, x]`: each slice is
+    /// predicted on its own (z folded into the batch) and the logits come back as
+    /// `[n, K, z, y', x']`, so batches and sliding windows are the same for 2D and 3D.
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        if self.spec.dim == 2 && x.dim() == 5 {
+            let [n, c, z, y, xs] = <[i64; 5]>::try_from(x.size()).expect("five dimensions");
+            let slices = x.permute([0, 2, 1, 3, 4]).reshape([n * z, c, y, xs]);
+            return self
+                .forward(&slices)
+                .into_iter()
+                .map(|o| {
+                    let [_, k, oy, ox] = <[i64; 4]>::try_from(o.size()).expect("four dimensions");
+                    o.reshape([n, z, k, oy, ox]).permute([0, 2, 1, 3, 4])
+                })
+                .collect();
+        }
         let mut skips = Vec::with_capacity(self.encoder.len());
         let mut h = x.shallow_clone();
         for stage in &self.encoder {
@@ -267,5 +283,29 @@ mod tests {
             }
         }
         assert!(out.iter().all(|o| o.isfinite().all().int64_value(&[]) == 1));
+    }
+
+    #[test]
+    fn a_2d_network_predicts_each_slice_of_a_volume_on_its_own() {
+        let s = spec(&[1.0, 1.0], &[32, 48], 32, 4);
+        assert_eq!(s.dim, 2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = UNet::new(&vs.root(), &s);
+        let volume = Tensor::randn([2, 1, 3, 32, 48], (Kind::Float, Device::Cpu));
+        let out = net.forward(&volume);
+        assert_eq!(out[0].size(), vec![2, 4, 3, 32, 48]);
+        // Deep-supervision outputs keep z: slices are never pooled together.
+        assert_eq!(out[1].size()[2], 3);
+        for n in 0..2 {
+            for z in 0..3 {
+                let slice = volume.get(n).select(1, z).unsqueeze(0);
+                let alone = net.forward(&slice);
+                assert_eq!(alone[0].size(), vec![1, 4, 32, 48]);
+                for (o, a) in out.iter().zip(&alone) {
+                    let d = (o.get(n).select(1, z) - a.get(0)).abs().max().double_value(&[]);
+                    assert!(d < 1e-5, "slice {n},{z}: {d}");
+                }
+            }
+        }
     }
 }

@@ -107,14 +107,32 @@ fn run_plans(opts: &TrainOptions, manifest_configuration: &str, plans: Plans, re
     if plans.configuration(manifest_configuration).is_none() {
         return Err(Error::invalid(&opts.shards, format!("plans.json has no configuration {manifest_configuration}")));
     }
+    // The run's plan names the configuration its networks are (prediction and export read
+    // it there), with that configuration's batch when it is not the one the plan trains.
+    if plans.cps.configuration != manifest_configuration {
+        (plans.cps.labeled_batch, plans.cps.unlabeled_batch) = super::data::batch_sizes(&plans, manifest_configuration);
+        plans.cps.configuration = manifest_configuration.to_string();
+    }
     Ok(plans)
 }
 
 /// Checks that the patch fits the network: every axis divisible by the product of the
-/// strides along it (the decoder's skips must line up).
+/// strides along it (the decoder's skips must line up). A 2D network's patch is one
+/// slice, (1, y, x).
 fn check_patch(patch: [usize; 3], strides: &[Vec<usize>]) -> Result<()> {
+    let two_d = strides.first().is_some_and(|s| s.len() == 2);
+    if two_d && patch[0] != 1 {
+        return Err(Error::invalid(
+            "--patch",
+            format!("{patch:?}: a 2D network trains on single slices, so the patch must be 1,Y,X"),
+        ));
+    }
     for a in 0..3 {
-        let divisor: usize = strides.iter().map(|s| s[a]).product();
+        let divisor: usize = match (two_d, a) {
+            (true, 0) => 1,
+            (true, _) => strides.iter().map(|s| s[a - 1]).product(),
+            (false, _) => strides.iter().map(|s| s[a]).product(),
+        };
         if patch[a] == 0 || patch[a] % divisor != 0 {
             return Err(Error::invalid(
                 "--patch",
@@ -157,7 +175,10 @@ pub fn train(
     let conf = plans.configuration(&manifest.configuration).expect("checked").clone();
     let mut spec = conf.network.clone();
     spec.input_channels = plans.channels.len();
-    let patch = opts.patch.unwrap_or([conf.patch_size[0], conf.patch_size[1], conf.patch_size[2]]);
+    let plan_patch = super::data::patch_zyx(&conf.patch_size).ok_or_else(|| {
+        Error::invalid(&opts.shards, format!("patch_size {:?} is neither 2D nor 3D", conf.patch_size))
+    })?;
+    let patch = opts.patch.unwrap_or(plan_patch);
     check_patch(patch, &spec.strides)?;
     let (train_ids, val_ids) = split_for_fold(&opts.shards, &manifest, &opts.fold)?;
     if train_ids.is_empty() {
@@ -392,5 +413,9 @@ mod tests {
         let e = check_patch([17, 33, 33], &strides).unwrap_err().to_string();
         assert!(e.contains("axis 0 (17)") && e.contains("multiple of 4"), "{e}");
         assert!(check_patch([16, 36, 32], &strides).unwrap_err().to_string().contains("multiple of 8"));
+        let strides_2d = vec![vec![1, 1], vec![2, 2], vec![2, 2]];
+        assert!(check_patch([1, 32, 48], &strides_2d).is_ok());
+        assert!(check_patch([1, 34, 48], &strides_2d).unwrap_err().to_string().contains("multiple of 4"));
+        assert!(check_patch([4, 32, 48], &strides_2d).unwrap_err().to_string().contains("1,Y,X"));
     }
 }

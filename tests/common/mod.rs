@@ -90,6 +90,36 @@ pub fn tiny_shards(tmp: &Path) -> PathBuf {
     preprocessed(tmp, cfg, &["--patch-size", "16,32,32", "--features", "8,16,32,32"])
 }
 
+/// Like [`tiny_shards`], for the 2D configuration (patch 32×32, features 8..32):
+/// the same phantoms and plan, preprocessed with `-c 2d` into `shards_2d`.
+pub fn tiny_shards_2d(tmp: &Path) -> PathBuf {
+    let cfg = cps3d::synth::SynthConfig {
+        labeled: 5,
+        unlabeled: 3,
+        shape: [24, 48, 48],
+        seed: 3,
+        workers: 2,
+        ..Default::default()
+    };
+    let plan = [
+        "--patch-size",
+        "16,32,32",
+        "--features",
+        "8,16,32,32",
+        "--patch-size-2d",
+        "32,32",
+        "--features-2d",
+        "8,16,32,32",
+    ];
+    preprocessed(tmp, cfg, &plan);
+    let (raw, plans, out) = (tmp.join("raw"), tmp.join("plans.json"), tmp.join("shards_2d"));
+    let args =
+        ["preprocess", raw.to_str().unwrap(), "-p", plans.to_str().unwrap(), "-o", out.to_str().unwrap(), "-c", "2d"];
+    let o = run(&args);
+    assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+    out
+}
+
 /// A FLARE22 score table (`cps3d evaluate`'s CSV): its header and (case name, 26 scores) rows.
 pub fn score_table(csv: &Path) -> (String, Vec<(String, Vec<f64>)>) {
     let text = std::fs::read_to_string(csv).unwrap_or_else(|e| panic!("{}: {e}", csv.display()));
