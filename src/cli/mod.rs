@@ -1,6 +1,7 @@
 //! Subcommands, one module each; errors become a message naming the file and a
 //! non-zero exit status.
 
+mod ablation;
 mod bench;
 mod dataset;
 mod demo;
@@ -13,6 +14,7 @@ mod progress;
 mod synth;
 mod train;
 mod verify;
+mod workflow;
 
 use std::process::ExitCode;
 
@@ -72,6 +74,8 @@ enum Command {
     Evaluate(evaluate::EvaluateArgs),
     /// The whole pipeline on synthetic phantoms (or --data DIR): plan, preprocess, CPS training, predict, evaluate.
     Demo(demo::DemoArgs),
+    /// The paper's Table 3: 2D/3D × baseline/CPS arms over seeds on one dataset, scored on held-out cases.
+    Ablation(ablation::AblationArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -90,7 +94,7 @@ fn init_logging(verbose: u8, quiet: bool) {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own stage lines; the data path's telemetry would drown them.
-    let quiet = cli.quiet || (matches!(cli.command, Command::Demo(_)) && cli.verbose == 0);
+    let quiet = cli.quiet || (matches!(cli.command, Command::Demo(_) | Command::Ablation(_)) && cli.verbose == 0);
     init_logging(cli.verbose, quiet);
     let result = match cli.command {
         Command::Info { json } => {
@@ -115,6 +119,7 @@ pub fn run() -> ExitCode {
         Command::Predict(args) => predict::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Ablation(args) => ablation::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

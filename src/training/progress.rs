@@ -9,8 +9,8 @@ use plotters::prelude::*;
 use super::checkpoint::EpochLog;
 
 /// Registers a sans-serif TTF for labels once: `$CPS3D_FONT`, else common system
-/// fonts. Without one the plot is drawn without text.
-fn font_available() -> bool {
+/// fonts. Without one plots are drawn without text.
+pub fn font_available() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
     *FONT.get_or_init(|| {
         let candidates = [
