@@ -411,31 +411,13 @@ fn run_arm(
         std::fs::remove_file(&csv).with_context(|| csv.display().to_string())?;
     }
     let shards = shard_dir(&a.out, arm.configuration());
+    // The held-out cases are scored below: train on every labeled case.
     let opts = TrainOptions {
-        shards: std::fs::canonicalize(&shards).with_context(|| shards.display().to_string())?,
-        run_dir: run_dir.clone(),
-        devices: devices.to_vec(),
         supervised_only: !arm.cps(),
-        seed,
-        no_augment: !a.augment,
-        // The held-out cases are scored below: train on every labeled case.
-        fold: "all".into(),
-        val_iterations: 5,
-        final_validation: false,
-        ..Default::default()
+        ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment)?
     };
-    let trained = workflow::train_to_end(&opts, |l| {
-        println!(
-            "  {} seed {seed} epoch {:>3}: loss {:.3?} (CPS {:.3?}), λ {:.2}, pseudo-Dice {:.3}, {:.2} s/step",
-            arm.name(),
-            l.epoch,
-            l.loss,
-            l.cps_loss,
-            l.lambda,
-            l.mean_pseudo_dice,
-            l.step_seconds
-        );
-    })?;
+    let prefix = format!("{} seed {seed} ", arm.name());
+    let trained = workflow::train_to_end(&opts, |l| println!("{}", workflow::epoch_line(&prefix, l)))?;
     if !trained {
         println!("{label} training already finished in {}", run_dir.display());
     }

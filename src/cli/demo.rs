@@ -14,7 +14,7 @@ use super::workflow::{self, stage, DataSource};
 use super::{planning::List, Zyx};
 use cps3d::planning::fingerprint::Fingerprint;
 use cps3d::planning::plan::{PlanOverrides, Plans};
-use cps3d::training::run::{default_devices, TrainOptions};
+use cps3d::training::run::default_devices;
 
 /// Names the demo in a failed stage's error.
 const DEMO: &str = "demo";
@@ -110,24 +110,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(DEMO, "preprocess", || workflow::preprocess(&dataset, &plans, &shards, "3d_fullres", a.workers))?;
     let run_dir = a.out.join("run");
     stage(DEMO, "train", || {
-        let opts = TrainOptions {
-            shards: std::fs::canonicalize(&shards)?,
-            run_dir: run_dir.clone(),
-            devices: a.devices.clone().unwrap_or_else(default_devices),
-            seed: a.seed,
-            no_augment: !a.augment,
-            // The demo scores its own held-out cases below: train on every labeled case.
-            fold: "all".into(),
-            val_iterations: 5,
-            final_validation: false,
-            ..Default::default()
-        };
-        let trained = workflow::train_to_end(&opts, |l| {
-            println!(
-                "  epoch {:>3}: loss {:.3?} (CPS {:.3?}), λ {:.2}, pseudo-Dice {:.3}, {:.2} s/step",
-                l.epoch, l.loss, l.cps_loss, l.lambda, l.mean_pseudo_dice, l.step_seconds
-            );
-        })?;
+        let devices = a.devices.clone().unwrap_or_else(default_devices);
+        // The demo scores its own held-out cases below: train on every labeled case.
+        let opts = workflow::held_out_training(&shards, &run_dir, devices, a.seed, a.augment)?;
+        let trained = workflow::train_to_end(&opts, |l| println!("{}", workflow::epoch_line("", l)))?;
         if !trained {
             println!("training already finished in {} (delete it to train again)", run_dir.display());
         }

@@ -160,6 +160,36 @@ pub fn preprocess(dataset: &Path, plans: &Plans, shards: &Path, configuration: &
     Ok(())
 }
 
+/// Training options of a run scored on held-out cases: every labeled case trained on
+/// (`--fold all`), no final validation, augmentation only on request.
+pub fn held_out_training(
+    shards: &Path,
+    run_dir: &Path,
+    devices: Vec<String>,
+    seed: u64,
+    augment: bool,
+) -> Result<TrainOptions> {
+    Ok(TrainOptions {
+        shards: std::fs::canonicalize(shards).with_context(|| shards.display().to_string())?,
+        run_dir: run_dir.to_path_buf(),
+        devices,
+        seed,
+        no_augment: !augment,
+        fold: "all".into(),
+        val_iterations: 5,
+        final_validation: false,
+        ..Default::default()
+    })
+}
+
+/// An epoch's line: `prefix` (e.g. the arm and seed), losses, λ, pseudo-Dice, step time.
+pub fn epoch_line(prefix: &str, l: &EpochLog) -> String {
+    format!(
+        "  {prefix}epoch {:>3}: loss {:.3?} (CPS {:.3?}), λ {:.2}, pseudo-Dice {:.3}, {:.2} s/step",
+        l.epoch, l.loss, l.cps_loss, l.lambda, l.mean_pseudo_dice, l.step_seconds
+    )
+}
+
 /// Trains `opts.run_dir` to the end: continues from `latest.json` when the folder has
 /// one. Returns `false`, without training, when the run has already finished
 /// (`final.json`).
