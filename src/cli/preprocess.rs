@@ -27,7 +27,7 @@ pub struct PreprocessArgs {
     /// Redo cases whose shard already exists.
     #[arg(long)]
     overwrite: bool,
-    /// Brick shape Z,Y,X of the shards.
+    /// Brick shape Z,Y,X of the shards (default: 32,32,32 in 3D, single slices 1,128,128 in 2D).
     #[arg(long)]
     brick: Option<Zyx>,
     /// zstd level of the shards.
@@ -43,9 +43,7 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
         overwrite: a.overwrite,
         ..Default::default()
     };
-    if let Some(b) = a.brick {
-        opts.brick_shape = b.0;
-    }
+    opts.brick_shape = a.brick.map(|b| b.0);
     if let Some(l) = a.zstd_level {
         opts.zstd_level = l;
     }
