@@ -118,7 +118,7 @@ pub fn tiny_shards_2d(tmp: &Path) -> PathBuf {
     let o = run(&args);
     assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
     // 2D shards default to single-slice bricks (what a 2D sample reads).
-    let shard = cps3d_storage::Shard::open(&out.join("phantom_0000.shard")).unwrap();
+    let shard = cps3d_storage::Shard::open(out.join("phantom_0000.shard")).unwrap();
     assert_eq!(shard.brick_shape()[0], 1, "2D shards are stored slice by slice");
     out
 }
