@@ -13,6 +13,7 @@ pub mod interop;
 pub mod io;
 pub mod planning;
 pub mod preprocessing;
+pub mod preview;
 pub mod synth;
 pub mod training;
 pub mod util;

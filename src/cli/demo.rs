@@ -125,12 +125,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
         workflow::predict_cases(&run_dir, device, &test, &predictions, |id, seconds| println!("  {id}: {seconds:.1} s"))
     })?;
     let (_, summary) = stage(DEMO, "evaluate", || workflow::evaluate(&predictions, &test, a.workers))?;
+    let previews = stage(DEMO, "preview", || workflow::preview_cases(&predictions, &test))?;
     println!("\nFLARE22 scores of the held-out cases ({}):", workflow::scores_csv(&predictions).display());
     println!("{summary}");
     println!(
         "({} CPS steps: networks learn the large organs first; small ones need thousands of steps, e.g. --epochs 200 on a GPU)",
         a.epochs * a.iterations
     );
+    println!("pictures: prediction beside reference, axial, coronal and sagittal slices through the organs:");
+    for p in &previews {
+        println!("  {}", p.display());
+    }
+    println!("training curves: {}", run_dir.join("progress.png").display());
     println!("total {:.0} s; everything is in {}", start.elapsed().as_secs_f64(), a.out.display());
     Ok(())
 }

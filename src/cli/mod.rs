@@ -11,6 +11,7 @@ mod planning;
 mod predict;
 mod preprocess;
 mod progress;
+mod show;
 mod synth;
 mod train;
 mod verify;
@@ -70,6 +71,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Segment images with a trained run: sliding window, optional forced spacing, back to the input's grid.
     Predict(predict::PredictArgs),
+    /// A preview PNG of a case: axial, coronal and sagittal slices with the labels outlined over the CT.
+    Show(show::ShowArgs),
     /// FLARE22 DSC and NSD per case and organ (official rules); CSV in the official layout plus a summary.
     Evaluate(evaluate::EvaluateArgs),
     /// The whole pipeline on synthetic phantoms (or --data DIR): plan, preprocess, CPS training, predict, evaluate.
@@ -117,6 +120,7 @@ pub fn run() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Show(args) => show::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Ablation(args) => ablation::run(args),

@@ -42,6 +42,10 @@ pub struct PredictArgs {
     /// Keep every connected component (no largest-component post-processing).
     #[arg(long)]
     no_lcc: bool,
+    /// Also draw each case's preview, OUT/preview/{CASE}.png: axial, coronal and sagittal
+    /// slices through the organs with the prediction outlined over the CT.
+    #[arg(long)]
+    preview: bool,
     /// cpu or cuda:N (default: cuda:0 when available).
     #[arg(long)]
     device: Option<String>,
@@ -160,6 +164,16 @@ pub fn run(a: PredictArgs) -> Result<()> {
                     rss,
                     out.display()
                 );
+                if a.preview {
+                    let png = a.out.join("preview").join(format!("{}.png", case.id));
+                    match cps3d::preview::render_files(&case.images[0], &out, None, &case.id, &png) {
+                        Ok(_) => println!("  preview -> {}", png.display()),
+                        Err(e) => {
+                            eprintln!("failed: {}: preview: {e}", case.id);
+                            failed.push(case.id.clone());
+                        }
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("failed: {}: {e}", case.id);

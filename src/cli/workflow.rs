@@ -223,6 +223,27 @@ pub fn predict_cases(
     Ok(())
 }
 
+/// Preview pictures of the held-out cases, prediction beside reference, into
+/// `predictions/preview/{CASE}.png`; returns their paths.
+pub fn preview_cases(predictions: &Path, test: &TestSet) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for case in &test.cases {
+        let prediction = predictions.join(format!("{}.nii.gz", case.id));
+        let reference = test.labels.join(format!("{}.nii.gz", case.id));
+        let png = predictions.join("preview").join(format!("{}.png", case.id));
+        let image = case.images.first().with_context(|| format!("{}: no image", case.id))?;
+        cps3d::preview::render_files(
+            image,
+            &prediction,
+            reference.is_file().then_some(reference.as_path()),
+            &case.id,
+            &png,
+        )?;
+        written.push(png);
+    }
+    Ok(written)
+}
+
 /// FLARE22 scores of `predictions` against the test labels, written to
 /// `predictions/flare22_scores.csv` (and its summary); any case that cannot be scored is
 /// an error.
