@@ -56,6 +56,20 @@ fn the_loss_falls_over_a_few_dozen_steps() {
     assert!(logs[3].lambda > 0.0 && logs.iter().all(|l| l.cps_loss.len() == 2));
     let lines = std::fs::read_to_string(tmp.path().join("run/log.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 4);
+    // Where a step's time went: every computing phase took time, and the phases add up to
+    // the step (the slower trainer's step time bounds the mean over trainers).
+    for l in &logs {
+        let p = l.phases;
+        assert!(p.forward > 0.0 && p.backward > 0.0 && p.loss > 0.0 && p.optimizer > 0.0 && p.exchange > 0.0, "{p:?}");
+        let sum: f64 = p.values().iter().sum();
+        assert!(
+            sum <= l.step_seconds * 1.001 && sum > 0.5 * l.step_seconds,
+            "phases {sum} s vs step {} s",
+            l.step_seconds
+        );
+    }
+    let read_back = cps3d::training::checkpoint::read_log(&tmp.path().join("run/log.jsonl"));
+    assert_eq!(read_back[3].phases, logs[3].phases);
     // Only the checkpoints a pointer names are kept.
     let kept = std::fs::read_dir(tmp.path().join("run/checkpoints")).unwrap().count();
     assert!((1..=2).contains(&kept), "{kept} checkpoints kept");

@@ -15,6 +15,7 @@ use super::{planning::List, Zyx};
 use cps3d::planning::fingerprint::Fingerprint;
 use cps3d::planning::plan::{PlanOverrides, Plans};
 use cps3d::training::run::default_devices;
+use cps3d::training::trainer::StepPhases;
 
 /// Names the demo in a failed stage's error.
 const DEMO: &str = "demo";
@@ -113,9 +114,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let devices = a.devices.clone().unwrap_or_else(default_devices);
         // The demo scores its own held-out cases below: train on every labeled case.
         let opts = workflow::held_out_training(&shards, &run_dir, devices, a.seed, a.augment)?;
-        let trained = workflow::train_to_end(&opts, |l| println!("{}", workflow::epoch_line("", l)))?;
+        let mut phases = Vec::new();
+        let trained = workflow::train_to_end(&opts, |l| {
+            phases.push(l.phases);
+            println!("{}", workflow::epoch_line("", l));
+        })?;
         if !trained {
             println!("training already finished in {} (delete it to train again)", run_dir.display());
+        } else {
+            let mean = StepPhases::mean(phases.iter());
+            let per_step: f64 = mean.values().iter().sum();
+            println!("  a step's time ({per_step:.3} s, mean over trainers and epochs): {}", mean.shares());
         }
         Ok(())
     })?;

@@ -172,7 +172,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let result = train(&opts, start, Some(steps.clone()), |l| {
         pb.set_message(format!("epoch {} pseudo-Dice {:.3}", l.epoch, l.ema_pseudo_dice));
         tracing::info!(
-            "epoch {}: loss {:.4?} (sup {:.4?}, cps {:.4?}), λ {:.3}, lr {:.5}, pseudo-Dice {:.4} (EMA {:.4}), step {:.2} s, data wait {:.1}%",
+            "epoch {}: loss {:.4?} (sup {:.4?}, cps {:.4?}), λ {:.3}, lr {:.5}, pseudo-Dice {:.4} (EMA {:.4}), step {:.2} s, data wait {:.1}% ({})",
             l.epoch,
             l.loss,
             l.sup_loss,
@@ -182,7 +182,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             l.mean_pseudo_dice,
             l.ema_pseudo_dice,
             l.step_seconds,
-            l.data_wait * 100.0
+            l.data_wait * 100.0,
+            l.phases.shares()
         );
     });
     done.store(true, Ordering::Relaxed);

@@ -67,6 +67,9 @@ pub struct EpochLog {
     pub data_wait: f64,
     #[serde(deserialize_with = "nan::scalar")]
     pub epoch_seconds: f64,
+    /// Seconds per step by phase, averaged over the trainers (absent in older logs).
+    #[serde(default)]
+    pub phases: super::trainer::StepPhases,
 }
 
 /// Everything a resumed run needs besides the networks.
@@ -230,6 +233,7 @@ mod tests {
             step_seconds: 0.1,
             data_wait: 0.0,
             epoch_seconds: 1.0,
+            phases: Default::default(),
         }
     }
 

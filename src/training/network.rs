@@ -287,6 +287,7 @@ mod tests {
 
     #[test]
     fn a_2d_network_predicts_each_slice_of_a_volume_on_its_own() {
+        tch::manual_seed(7);
         let s = spec(&[1.0, 1.0], &[32, 48], 32, 4);
         assert_eq!(s.dim, 2);
         let vs = nn::VarStore::new(Device::Cpu);
@@ -303,7 +304,9 @@ mod tests {
                 assert_eq!(alone[0].size(), vec![1, 4, 32, 48]);
                 for (o, a) in out.iter().zip(&alone) {
                     let d = (o.get(n).select(1, z) - a.get(0)).abs().max().double_value(&[]);
-                    assert!(d < 1e-5, "slice {n},{z}: {d}");
+                    // float32 convolutions over a batch of 6 slices or of 1 sum in different
+                    // orders (1e-5 was exceeded once in CI); a mixed-up slice differs by ~1.
+                    assert!(d < 1e-4, "slice {n},{z}: {d}");
                 }
             }
         }

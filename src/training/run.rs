@@ -20,7 +20,7 @@ use super::checkpoint::{self, State};
 use super::data::{datapath_config, read_shard_folder, DataKnobs};
 use super::schedule::{lambda_at, LrState};
 use super::supervisor::{RoundError, Trainers};
-use super::trainer::{injected, Cancel, Command, Reply, TrainerSetup};
+use super::trainer::{injected, Cancel, Command, Reply, StepPhases, TrainerSetup};
 use crate::error::{Error, Result};
 use crate::planning::plan::{LambdaSchedule, Plans};
 use crate::util::FolderLock;
@@ -303,6 +303,7 @@ fn epochs(
             step_seconds: stats.iter().map(|s| s.step_seconds).fold(0.0, f64::max),
             data_wait: stats.iter().map(|s| s.data_wait).sum::<f64>() / stats.len().max(1) as f64,
             epoch_seconds: t_epoch.elapsed().as_secs_f64(),
+            phases: StepPhases::mean(stats.iter().map(|s| &s.phases)),
         };
         state.epoch = epoch;
         state.log = Some(log.clone());

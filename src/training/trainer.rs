@@ -132,6 +132,67 @@ pub struct EpochStats {
     pub grad_norm: f64,
     /// Steps skipped because fp16 gradients overflowed (CUDA only).
     pub skipped_steps: usize,
+    /// Seconds per step in each phase.
+    pub phases: StepPhases,
+}
+
+/// Where a step's time goes, seconds per step (host wall time: on CUDA, kernels still
+/// running are counted where the host next waits for them, e.g. at the loss read-back).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepPhases {
+    /// Waiting for the next batch from the data path.
+    pub data: f64,
+    /// Batch to tensors, and the network's forward pass.
+    pub forward: f64,
+    /// Argmax labels sent to the sibling and the sibling's received (including waiting for it).
+    pub exchange: f64,
+    /// Supervised and CPS losses.
+    pub loss: f64,
+    /// Backward pass and gradient clipping.
+    pub backward: f64,
+    /// The SGD update, and reading the losses back.
+    pub optimizer: f64,
+}
+
+impl StepPhases {
+    pub const NAMES: [&'static str; 6] = ["data", "forward", "exchange", "loss", "backward", "optimizer"];
+
+    pub fn values(&self) -> [f64; 6] {
+        [self.data, self.forward, self.exchange, self.loss, self.backward, self.optimizer]
+    }
+
+    /// The mean over trainers.
+    pub fn mean<'a>(all: impl Iterator<Item = &'a StepPhases>) -> StepPhases {
+        let (mut sum, mut n) = ([0.0; 6], 0usize);
+        for p in all {
+            for (s, v) in sum.iter_mut().zip(p.values()) {
+                *s += v;
+            }
+            n += 1;
+        }
+        StepPhases::from(sum).scaled(1.0 / n.max(1) as f64)
+    }
+
+    /// "data 1%, forward 30%, ..." as shares of the phases' sum.
+    pub fn shares(&self) -> String {
+        let total: f64 = self.values().iter().sum::<f64>().max(1e-12);
+        Self::NAMES
+            .iter()
+            .zip(self.values())
+            .map(|(n, v)| format!("{n} {:.0}%", 100.0 * v / total))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn scaled(&self, k: f64) -> StepPhases {
+        StepPhases::from(self.values().map(|x| x * k))
+    }
+}
+
+impl From<[f64; 6]> for StepPhases {
+    fn from(v: [f64; 6]) -> StepPhases {
+        StepPhases { data: v[0], forward: v[1], exchange: v[2], loss: v[3], backward: v[4], optimizer: v[5] }
+    }
 }
 
 pub struct TrainerHandle {
@@ -371,6 +432,7 @@ impl TrainerState {
         let loss = DiceCe { batch_dice: self.setup.batch_dice, ..Default::default() };
         let mut stats = EpochStats::default();
         let (mut wait, mut total) = (Duration::ZERO, Duration::ZERO);
+        let mut phases = StepPhases::default();
         for step in 0..steps {
             let at = StepAt { epoch, step };
             *at_out = Some(at);
@@ -378,6 +440,13 @@ impl TrainerState {
             let batch = self.next_batch(batches, at)?;
             let t1 = Instant::now();
             wait += t1 - t0;
+            phases.data += (t1 - t0).as_secs_f64();
+            let mut mark = t1;
+            let mut lap = |slot: &mut f64| {
+                let now = Instant::now();
+                *slot += (now - mark).as_secs_f64();
+                mark = now;
+            };
             self.injected_fault(at)?;
             let [z, y, x] = batch.patch.map(|v| v as i64);
             let n = batch.samples() as i64;
@@ -392,6 +461,7 @@ impl TrainerState {
                 targets.push(tensor_u8(l, &[bl, s[0] as i64, s[1] as i64, s[2] as i64], dev));
             }
             targets.truncate(outputs.len());
+            lap(&mut phases.forward);
             let labeled_out: Vec<Tensor> = outputs.iter().map(|o| o.narrow(0, 0, bl)).collect();
             let sup = if bl > 0 {
                 deep_supervised(&loss, &labeled_out, &targets)
@@ -401,8 +471,10 @@ impl TrainerState {
             let mut cps_value = 0.0;
             let mut cps_part = None;
             if self.setup.exchange.is_some() {
+                lap(&mut phases.loss);
                 let theirs = self.exchange(batch.index, pseudo_labels(&outputs), at)?;
                 let theirs: Vec<Tensor> = theirs.iter().map(|t| t.to_device(dev)).collect();
+                lap(&mut phases.exchange);
                 let cps = deep_supervised(&loss, &outputs, &theirs);
                 cps_value = cps.double_value(&[]);
                 cps_part = Some(cps);
@@ -412,6 +484,7 @@ impl TrainerState {
                 Some(cps) => &sup + cps * lambda,
                 None => sup.shallow_clone(),
             };
+            lap(&mut phases.loss);
             zero_grad(&self.vs);
             // fp16 on CUDA: scaled loss, unscaled gradients, overflowed steps skipped.
             let (norm, stepped) = if amp {
@@ -423,6 +496,7 @@ impl TrainerState {
                 total_loss.backward();
                 (clip_grad_norm(&self.vs, self.setup.grad_clip), true)
             };
+            lap(&mut phases.backward);
             if stepped {
                 self.sgd.step(&self.vs, lr);
             } else {
@@ -435,6 +509,7 @@ impl TrainerState {
                 stats.grad_norm += norm;
             }
             stats.steps += 1;
+            lap(&mut phases.optimizer);
             total += t0.elapsed();
             if let Some(c) = &self.setup.steps_done {
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -447,6 +522,7 @@ impl TrainerState {
         stats.grad_norm /= k;
         stats.step_seconds = total.as_secs_f64() / k;
         stats.data_wait = wait.as_secs_f64() / total.as_secs_f64().max(1e-9);
+        stats.phases = phases.scaled(1.0 / k);
         Ok(stats)
     }
 
