@@ -63,7 +63,7 @@ struct Dataset {
 }
 
 fn synthetic() -> Dataset {
-    let grid = cps3d::synth::phantom::PhantomGrid { shape: SYNTH_SHAPE, spacing: [1.5, 0.9, 0.9] };
+    let grid = cps3d::synth::phantom::PhantomGrid { shape: SYNTH_SHAPE, spacing: [1.5, 0.9, 0.9], fat_planes: true };
     let phantom = cps3d::synth::phantom::generate(grid, &mut Pcg64Mcg::seed_from_u64(1));
     Dataset {
         name: "synth",

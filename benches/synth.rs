@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::SeedableRng;
 
 fn bench(c: &mut Criterion) {
-    let grid = PhantomGrid { shape: [64, 128, 128], spacing: [4.0, 2.9, 2.9] };
+    let grid = PhantomGrid { shape: [64, 128, 128], spacing: [4.0, 2.9, 2.9], fat_planes: true };
     let voxel_bytes = (grid.shape.iter().product::<usize>() * 3) as u64;
     let mut g = c.benchmark_group("synth");
     g.sample_size(20);

@@ -52,6 +52,16 @@ fn demo_runs_every_stage_on_phantoms_and_resumes() {
         let pred = cps3d::io::read_header(&out.join(format!("predictions/{id}.nii.gz"))).unwrap();
         assert_eq!(cps3d::dataset::check::geometry_mismatch(&image, &pred), None);
     }
+    // Pictures of each held-out case, their paths printed, and where a step's time went.
+    for id in ["phantom_0000", "phantom_0001"] {
+        let png = out.join(format!("predictions/preview/{id}.png"));
+        assert!(png.is_file() && text.contains(png.to_str().unwrap()), "{text}");
+    }
+    assert!(text.contains("progress.png") && text.contains("a step's time"), "{text}");
+    // The short-run recipe: nnU-Net's foreground CT statistics, SGD 0.2 with momentum 0.9.
+    let plans = cps3d::planning::plan::Plans::read(&out.join("plans.json")).unwrap();
+    assert_eq!(plans.normalization[0].statistics, "foreground");
+    assert_eq!((plans.cps.optimizer.lr, plans.cps.optimizer.momentum), (0.2, 0.9));
     let checkpoints = std::fs::read_dir(out.join("run/checkpoints")).unwrap().count();
 
     // A second run reuses the data, shards and the finished training.

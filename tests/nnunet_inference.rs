@@ -60,6 +60,8 @@ fn write_inputs(dir: &Path) -> Vec<PathBuf> {
         shape: [24, 48, 48],
         seed: 77,
         workers: 1,
+        // The phantom the goldens were recorded on (before fat planes).
+        fat_planes: false,
         ..Default::default()
     };
     cps3d::synth::write_dataset(&cfg, tmp.path(), |_| {}).unwrap();

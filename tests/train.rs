@@ -69,7 +69,10 @@ fn the_loss_falls_over_a_few_dozen_steps() {
         );
     }
     let read_back = cps3d::training::checkpoint::read_log(&tmp.path().join("run/log.jsonl"));
-    assert_eq!(read_back[3].phases, logs[3].phases);
+    // JSON keeps them to the last digit or so (serde_json's default float parsing).
+    for (a, b) in read_back[3].phases.values().iter().zip(logs[3].phases.values()) {
+        assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} read back as {b}");
+    }
     // Only the checkpoints a pointer names are kept.
     let kept = std::fs::read_dir(tmp.path().join("run/checkpoints")).unwrap().count();
     assert!((1..=2).contains(&kept), "{kept} checkpoints kept");

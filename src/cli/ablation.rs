@@ -231,6 +231,8 @@ pub fn run(a: AblationArgs) -> Result<()> {
         unlabeled: a.unlabeled,
         test: a.test,
         shape: a.shape.0,
+        spacing_xy: None,
+        spacing_z: None,
         seed: 0,
         workers: a.workers,
     };

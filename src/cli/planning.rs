@@ -156,9 +156,29 @@ pub struct PlanArgs {
     /// Reduce-on-plateau learning rate (the paper) instead of poly 0.9 (nnU-Net).
     #[arg(long)]
     plateau_lr: bool,
+    /// SGD's initial learning rate (nnU-Net: 0.01).
+    #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
+    lr: Option<f64>,
+    /// SGD's momentum, in [0, 1) (nnU-Net: 0.99).
+    #[arg(long, value_parser = momentum, allow_negative_numbers = true)]
+    momentum: Option<f64>,
     /// Switch all training augmentation off (it can also be edited per transform in plans.json).
     #[arg(long)]
     no_augmentation: bool,
+}
+
+pub(crate) fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("\"{s}\" is not a positive number")),
+    }
+}
+
+pub(crate) fn momentum(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("\"{s}\" is not a momentum in [0, 1)")),
+    }
 }
 
 pub fn run_plan(a: PlanArgs) -> Result<()> {
@@ -176,6 +196,8 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         foreground_statistics: a.foreground_stats,
         epochs: a.epochs,
         iterations_per_epoch: a.iterations,
+        lr: a.lr,
+        momentum: a.momentum,
         lambda_ramp_epochs: a.lambda_ramp_epochs,
         constant_lambda: a.constant_lambda,
         plateau_lr: a.plateau_lr,

@@ -38,6 +38,10 @@ pub struct SynthArgs {
     /// Write uncompressed .nii files.
     #[arg(long)]
     uncompressed: bool,
+    /// Phantoms as before cps3d 0.1's fat planes: adrenal glands and esophagus without the
+    /// fat that makes them visible in CT.
+    #[arg(long)]
+    no_fat_planes: bool,
 }
 
 pub fn run(a: SynthArgs) -> Result<()> {
@@ -48,6 +52,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         spacing_xy: a.spacing_xy.map(|r| (r.0, r.1)),
         spacing_z: a.spacing_z.map(|r| (r.0, r.1)),
         seed: a.seed,
+        fat_planes: !a.no_fat_planes,
         workers: a.workers,
         gzip_level: a.gzip_level,
         file_ending: if a.uncompressed { ".nii".into() } else { ".nii.gz".into() },

@@ -31,6 +31,9 @@ pub struct DataSource<'a> {
     pub test: usize,
     /// Synthetic volume shape Z,Y,X.
     pub shape: [usize; 3],
+    /// Synthetic in-plane and slice spacing ranges (mm); `None`: a whole abdomen's field of view.
+    pub spacing_xy: Option<(f64, f64)>,
+    pub spacing_z: Option<(f64, f64)>,
     /// Seed of the synthetic training set (the test set's is derived from it).
     pub seed: u64,
     pub workers: usize,
@@ -71,7 +74,13 @@ pub fn prepare_data(out: &Path, src: &DataSource) -> Result<(PathBuf, TestSet)> 
 fn synthetic(out: &Path, src: &DataSource) -> Result<(PathBuf, TestSet)> {
     let train_dir = out.join("data");
     let test_dir = out.join("test_data");
-    let base = SynthConfig { shape: src.shape, workers: src.workers, ..Default::default() };
+    let base = SynthConfig {
+        shape: src.shape,
+        spacing_xy: src.spacing_xy,
+        spacing_z: src.spacing_z,
+        workers: src.workers,
+        ..Default::default()
+    };
     let train_cfg = SynthConfig { labeled: src.labeled, unlabeled: src.unlabeled, seed: src.seed, ..base.clone() };
     let test_cfg = SynthConfig { labeled: src.test, unlabeled: 0, seed: src.seed.wrapping_add(1_000_003), ..base };
     write_dataset(&train_cfg, &train_dir, |_| {})?;

@@ -205,6 +205,9 @@ pub struct PlanOverrides {
     pub foreground_statistics: bool,
     pub epochs: Option<usize>,
     pub iterations_per_epoch: Option<usize>,
+    /// SGD's initial learning rate and momentum (nnU-Net: 0.01, 0.99).
+    pub lr: Option<f64>,
+    pub momentum: Option<f64>,
     pub lambda_ramp_epochs: Option<usize>,
     pub constant_lambda: bool,
     pub plateau_lr: bool,
@@ -434,7 +437,13 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
             // The paper ramps "until a specific epoch" without naming it: a tenth of training.
             LambdaSchedule::LinearRamp { ramp_epochs: overrides.lambda_ramp_epochs.unwrap_or((epochs / 10).max(1)) }
         },
-        optimizer: Optimizer { kind: "sgd".into(), lr: 0.01, momentum: 0.99, nesterov: true, weight_decay: 3e-5 },
+        optimizer: Optimizer {
+            kind: "sgd".into(),
+            lr: overrides.lr.unwrap_or(0.01),
+            momentum: overrides.momentum.unwrap_or(0.99),
+            nesterov: true,
+            weight_decay: 3e-5,
+        },
         lr_schedule: if overrides.plateau_lr {
             LrSchedule::Plateau { factor: 0.5, patience: 30, min_lr: 1e-6 }
         } else {

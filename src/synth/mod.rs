@@ -31,6 +31,8 @@ pub struct SynthConfig {
     pub gzip_level: u32,
     /// ".nii.gz" or ".nii".
     pub file_ending: String,
+    /// Fat around the adrenal glands and the esophagus (see [`phantom::PhantomGrid`]).
+    pub fat_planes: bool,
 }
 
 impl Default for SynthConfig {
@@ -45,6 +47,7 @@ impl Default for SynthConfig {
             workers: 1,
             gzip_level: 1,
             file_ending: ".nii.gz".into(),
+            fat_planes: true,
         }
     }
 }
@@ -103,7 +106,7 @@ fn draw_grid(cfg: &SynthConfig, rng: &mut impl Rng) -> PhantomGrid {
     // Rounded as scanners write them (0.01 mm in-plane, 0.05 mm slices).
     let sxy = (sxy * 100.0).round() / 100.0;
     let sz = ((sz * 20.0).round() / 20.0).max(0.05);
-    PhantomGrid { shape: [nz, ny, nx], spacing: [sz, sxy, sxy] }
+    PhantomGrid { shape: [nz, ny, nx], spacing: [sz, sxy, sxy], fat_planes: cfg.fat_planes }
 }
 
 /// Bytes one worker holds for a case of `voxels`: float32 HU, uint8 labels, the int16

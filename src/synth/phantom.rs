@@ -17,13 +17,18 @@ use crate::io::Geometry;
 const HU_MIN: f32 = -1024.0;
 const HU_MAX: f32 = 3071.0;
 
-/// Parameters of one phantom's grid.
+/// Parameters of one phantom: its grid, and which anatomy revision.
 #[derive(Debug, Clone, Copy)]
 pub struct PhantomGrid {
     /// (z, y, x) voxels.
     pub shape: [usize; 3],
     /// (z, y, x) mm.
     pub spacing: [f64; 3],
+    /// Fat around the adrenal glands and the esophagus (and an esophagus of 9 mm radius, not
+    /// 7), as in CT: without it both have the HU of the soft tissue around them and can only
+    /// be found by position. Off: the phantoms of earlier versions, which the golden
+    /// inference tests were recorded on.
+    pub fat_planes: bool,
 }
 
 /// One generated scan.
@@ -107,6 +112,19 @@ impl Shape {
         }
     }
 
+    /// The same shape with its surface moved out by `mm`.
+    fn grown(&self, mm: f64) -> Shape {
+        match self.clone() {
+            Shape::Blob { c, r, rot, waves } => Shape::Blob { c, r: r.map(|v| v + mm), rot, waves },
+            Shape::Tube { x0, y0, z0, z1, radius, wander } => {
+                Shape::Tube { x0, y0, z0, z1, radius: radius + mm, wander }
+            }
+            Shape::Loop { c, big_r, small_r, open_angle } => {
+                Shape::Loop { c, big_r, small_r: small_r + mm, open_angle }
+            }
+        }
+    }
+
     /// Depth inside the shape: < 1 inside (0 at the centre), ≥ 1 outside.
     #[inline]
     fn depth(&self, p: [f64; 3]) -> f64 {
@@ -173,6 +191,8 @@ struct Organ {
     medulla: bool,
     /// Stomach: gas rises to the top front of the lumen.
     gas_cap: bool,
+    /// Thickness of the fat painted around the organ where nothing else is (mm; 0: none).
+    fat_mm: f64,
 }
 
 fn jitter(rng: &mut impl Rng, v: [f64; 3], mm: f64) -> [f64; 3] {
@@ -209,7 +229,7 @@ fn tube(rng: &mut impl Rng, x0: f64, y0: f64, z: (f64, f64), radius: f64) -> Sha
     }
 }
 
-fn organs(rng: &mut impl Rng, keep_gallbladder: bool) -> Vec<Organ> {
+fn organs(rng: &mut impl Rng, keep_gallbladder: bool, fat_planes: bool) -> Vec<Organ> {
     let amp = rng.random_range(0.08..0.18);
     let o = |label: u8, shape: Shape, hu: f32, enhancement: f32| Organ {
         label,
@@ -218,7 +238,9 @@ fn organs(rng: &mut impl Rng, keep_gallbladder: bool) -> Vec<Organ> {
         enhancement,
         medulla: false,
         gas_cap: false,
+        fat_mm: 0.0,
     };
+    let fat = |mm: f64| if fat_planes { mm } else { 0.0 };
     // Paint order: later organs win where shapes overlap (small ones last).
     let mut v = vec![
         o(1, blob(rng, [-70.0, -5.0, 70.0], [80.0, 85.0, 85.0], [0.0, 0.0, 0.0], amp), 55.0, 50.0),
@@ -247,11 +269,20 @@ fn organs(rng: &mut impl Rng, keep_gallbladder: bool) -> Vec<Organ> {
             40.0,
         ),
         o(4, blob(rng, [15.0, 5.0, 25.0], [65.0, 13.0, 15.0], [0.0, -0.25, 0.0], amp * 0.7), 40.0, 60.0),
-        o(7, blob(rng, [-45.0, 45.0, 75.0], [5.0, 12.0, 18.0], [0.0, 0.0, 0.0], amp), 25.0, 30.0),
-        o(8, blob(rng, [40.0, 40.0, 65.0], [5.0, 12.0, 18.0], [0.0, 0.0, 0.0], amp), 25.0, 30.0),
+        Organ {
+            fat_mm: fat(6.0),
+            ..o(7, blob(rng, [-45.0, 45.0, 75.0], [5.0, 12.0, 18.0], [0.0, 0.0, 0.0], amp), 25.0, 30.0)
+        },
+        Organ {
+            fat_mm: fat(6.0),
+            ..o(8, blob(rng, [40.0, 40.0, 65.0], [5.0, 12.0, 18.0], [0.0, 0.0, 0.0], amp), 25.0, 30.0)
+        },
         o(6, tube(rng, -22.0, 22.0, (-400.0, 110.0), 12.0), 40.0, 100.0),
         o(5, tube(rng, 18.0, 20.0, (-400.0, 400.0), 11.0), 45.0, 220.0),
-        o(10, tube(rng, 8.0, 28.0, (90.0, 400.0), 7.0), 40.0, 10.0),
+        Organ {
+            fat_mm: fat(4.0),
+            ..o(10, tube(rng, 8.0, 28.0, (90.0, 400.0), if fat_planes { 9.0 } else { 7.0 }), 40.0, 10.0)
+        },
     ];
     if keep_gallbladder {
         // After the liver, before the vessels: it sits in the liver's underside.
@@ -344,8 +375,17 @@ pub fn generate(grid: PhantomGrid, rng: &mut impl Rng) -> Phantom {
     }
 
     let keep_gallbladder = rng.random_bool(0.9);
-    for organ in organs(rng, keep_gallbladder) {
+    for organ in organs(rng, keep_gallbladder, grid.fat_planes) {
         let (hu_s, lab_s) = (hu.as_slice_mut().unwrap(), labels.as_slice_mut().unwrap());
+        if organ.fat_mm > 0.0 {
+            // Only where no organ is yet: a neighbour painted earlier keeps its voxels.
+            paint(&frame, &organ.shape.grown(organ.fat_mm), |z, y, x, _| {
+                let i = (z * ny + y) * nx + x;
+                if lab_s[i] == 0 {
+                    hu_s[i] = -90.0 + hu_offset;
+                }
+            });
+        }
         let base = organ.hu + hu_offset;
         let enh = organ.enhancement * contrast;
         let (cz, cy) = match organ.shape {
@@ -531,7 +571,7 @@ mod tests {
     use rand::SeedableRng;
 
     fn grid() -> PhantomGrid {
-        PhantomGrid { shape: [40, 80, 80], spacing: [7.0, 4.5, 4.5] }
+        PhantomGrid { shape: [40, 80, 80], spacing: [7.0, 4.5, 4.5], fat_planes: true }
     }
 
     #[test]
