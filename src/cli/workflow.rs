@@ -204,6 +204,11 @@ pub fn epoch_line(prefix: &str, l: &EpochLog) -> String {
 /// (`final.json`).
 pub fn train_to_end(opts: &TrainOptions, on_epoch: impl FnMut(&EpochLog)) -> Result<bool> {
     if opts.run_dir.join("final.json").is_file() {
+        // Redrawn, so that a finished run's figure follows this build's layout.
+        let logs = cps3d::training::checkpoint::read_log(&opts.run_dir.join("log.jsonl"));
+        if let Err(e) = cps3d::training::progress::draw(&opts.run_dir.join("progress.png"), &logs) {
+            tracing::warn!("{}: redrawing progress.png: {e}", opts.run_dir.display());
+        }
         return Ok(false);
     }
     let resume = opts.run_dir.join("latest.json").is_file();

@@ -88,9 +88,9 @@ fn panel(
 /// Draws the progress figure of a run's epochs.
 pub fn draw(path: &Path, logs: &[EpochLog]) -> Result<(), String> {
     let text = font_available();
-    let root = BitMapBackend::new(path, (1200, 1600)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1200, 2000)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let areas = root.split_evenly((4, 1));
+    let areas = root.split_evenly((5, 1));
     let e = |l: &EpochLog| l.epoch as f64;
     let colors = [BLUE, RED];
     let mut losses: Vec<Series> = Vec::new();
@@ -113,6 +113,26 @@ pub fn draw(path: &Path, logs: &[EpochLog]) -> Result<(), String> {
         ],
         text,
     )?;
+    // Per class: when each organ starts being learnt (the small ones last).
+    let classes = logs.iter().map(|l| l.pseudo_dice.first().map_or(0, |d| d.len())).max().unwrap_or(0);
+    let names: Vec<String> = (1..=classes).map(|k| format!("class {k}")).collect();
+    let per_class: Vec<Series> = (0..classes)
+        .map(|k| {
+            let points = logs
+                .iter()
+                .map(|l| {
+                    let v: Vec<f64> =
+                        l.pseudo_dice.iter().filter_map(|d| d.get(k).copied()).filter(|v| v.is_finite()).collect();
+                    (e(l), if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 })
+                })
+                .collect();
+            let [r, g, b] = crate::preview::ORGAN_COLOURS[k % crate::preview::ORGAN_COLOURS.len()];
+            // The palette's pale entries (class 7's) would vanish on white.
+            let dim = |c: u8| if r as u32 + g as u32 + b as u32 > 600 { (c as f32 * 0.6) as u8 } else { c };
+            (names[k].as_str(), points, RGBColor(dim(r), dim(g), dim(b)))
+        })
+        .collect();
+    panel(&areas[4], "pseudo-Dice per class (mean of the networks)", &per_class, text)?;
     panel(
         &areas[2],
         "learning rate and lambda",
@@ -129,4 +149,51 @@ pub fn draw(path: &Path, logs: &[EpochLog]) -> Result<(), String> {
         text,
     )?;
     root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_class_panel_draws_each_class_in_its_colour() {
+        let logs: Vec<EpochLog> = (0..6)
+            .map(|epoch| EpochLog {
+                epoch,
+                lr: 0.01,
+                lambda: 0.1,
+                loss: vec![1.0, 1.1],
+                sup_loss: vec![1.0, 1.1],
+                cps_loss: vec![0.1, 0.1],
+                // Class 2 absent from validation (NaN) in one network: the other's value is drawn.
+                pseudo_dice: vec![vec![0.1 * epoch as f64, f64::NAN], vec![0.1 * epoch as f64, 0.5]],
+                mean_pseudo_dice: 0.3,
+                ema_pseudo_dice: 0.2,
+                step_seconds: 0.1,
+                data_wait: 0.0,
+                epoch_seconds: 2.0,
+                phases: Default::default(),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("progress.png");
+        draw(&path, &logs).unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (1200, 2000));
+        let channels = info.color_type.samples();
+        let count = |colour: [u8; 3], rows: std::ops::Range<u32>| {
+            rows.flat_map(|y| (0..info.width).map(move |x| (x, y)))
+                .filter(|&(x, y)| {
+                    let o = (y * info.width + x) as usize * channels;
+                    buf[o..o + 3] == colour
+                })
+                .count()
+        };
+        // Classes 1 and 2 (red, green) in the bottom panel.
+        assert!(count([255, 0, 0], 1600..2000) > 50);
+        assert!(count([0, 255, 0], 1600..2000) > 50);
+    }
 }
