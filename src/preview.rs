@@ -294,10 +294,9 @@ fn draw_text(
     let root = BitMapBackend::with_buffer(buf, (layout.width, layout.height)).into_drawing_area();
     let style = ("sans-serif", 15).into_font().color(&WHITE);
     let small = ("sans-serif", 13).into_font().color(&RGBColor(200, 200, 200));
-    let row_names = if rows > 1 { ["prediction", "reference"] } else { ["prediction", ""] };
     for row in 0..rows {
         let first = layout.panels.iter().find(|p| p.row == row).expect("a panel per row");
-        let heading = if row == 0 { format!("{title}: {}", row_names[0]) } else { row_names[row].to_string() };
+        let heading = if row == 0 { format!("{title}: prediction") } else { "reference".to_string() };
         let y = first.origin.1 as i32 - HEADER as i32 + 6;
         root.draw(&Text::new(heading, (GAP as i32, y), style.clone())).map_err(|e| e.to_string())?;
     }

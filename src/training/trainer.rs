@@ -431,7 +431,7 @@ impl TrainerState {
         let dev = self.setup.device;
         let loss = DiceCe { batch_dice: self.setup.batch_dice, ..Default::default() };
         let mut stats = EpochStats::default();
-        let (mut wait, mut total) = (Duration::ZERO, Duration::ZERO);
+        let mut total = Duration::ZERO;
         let mut phases = StepPhases::default();
         for step in 0..steps {
             let at = StepAt { epoch, step };
@@ -439,7 +439,6 @@ impl TrainerState {
             let t0 = Instant::now();
             let batch = self.next_batch(batches, at)?;
             let t1 = Instant::now();
-            wait += t1 - t0;
             phases.data += (t1 - t0).as_secs_f64();
             let mut mark = t1;
             let mut lap = |slot: &mut f64| {
@@ -521,7 +520,7 @@ impl TrainerState {
         stats.cps_loss /= k;
         stats.grad_norm /= k;
         stats.step_seconds = total.as_secs_f64() / k;
-        stats.data_wait = wait.as_secs_f64() / total.as_secs_f64().max(1e-9);
+        stats.data_wait = phases.data / total.as_secs_f64().max(1e-9);
         stats.phases = phases.scaled(1.0 / k);
         Ok(stats)
     }

@@ -76,31 +76,26 @@ pub fn preprocessed(tmp: &Path, cfg: cps3d::synth::SynthConfig, plan_args: &[&st
     out
 }
 
-/// Phantoms → a tiny plan (patch 16×32×32, features 8..32) → shards; five labeled
-/// cases (the fewest nnU-Net's five folds allow) and three unlabeled.
-pub fn tiny_shards(tmp: &Path) -> PathBuf {
-    let cfg = cps3d::synth::SynthConfig {
+/// Five labeled phantoms (the fewest nnU-Net's five folds allow) and three unlabeled.
+fn tiny_phantoms() -> cps3d::synth::SynthConfig {
+    cps3d::synth::SynthConfig {
         labeled: 5,
         unlabeled: 3,
         shape: [24, 48, 48],
         seed: 3,
         workers: 2,
         ..Default::default()
-    };
-    preprocessed(tmp, cfg, &["--patch-size", "16,32,32", "--features", "8,16,32,32"])
+    }
+}
+
+/// Phantoms → a tiny plan (patch 16×32×32, features 8..32) → shards.
+pub fn tiny_shards(tmp: &Path) -> PathBuf {
+    preprocessed(tmp, tiny_phantoms(), &["--patch-size", "16,32,32", "--features", "8,16,32,32"])
 }
 
 /// Like [`tiny_shards`], for the 2D configuration (patch 32×32, features 8..32):
 /// the same phantoms and plan, preprocessed with `-c 2d` into `shards_2d`.
 pub fn tiny_shards_2d(tmp: &Path) -> PathBuf {
-    let cfg = cps3d::synth::SynthConfig {
-        labeled: 5,
-        unlabeled: 3,
-        shape: [24, 48, 48],
-        seed: 3,
-        workers: 2,
-        ..Default::default()
-    };
     let plan = [
         "--patch-size",
         "16,32,32",
@@ -111,7 +106,7 @@ pub fn tiny_shards_2d(tmp: &Path) -> PathBuf {
         "--features-2d",
         "8,16,32,32",
     ];
-    preprocessed(tmp, cfg, &plan);
+    preprocessed(tmp, tiny_phantoms(), &plan);
     let (raw, plans, out) = (tmp.join("raw"), tmp.join("plans.json"), tmp.join("shards_2d"));
     let args =
         ["preprocess", raw.to_str().unwrap(), "-p", plans.to_str().unwrap(), "-o", out.to_str().unwrap(), "-c", "2d"];
