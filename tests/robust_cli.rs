@@ -400,19 +400,23 @@ fn plan_options_are_range_checked_and_name_their_flag() {
         ("--lr", "nan"),
         ("--momentum", "1"),
         ("--momentum", "-0.1"),
+        ("--oversample-foreground", "1.5"),
+        ("--oversample-foreground", "-0.1"),
+        ("--oversample-foreground", "nan"),
     ] {
         plan(&[flag, value]).refused(&[flag]);
     }
     // 1 µm voxels: the median case alone needs petabytes to preprocess.
     plan(&["--target-spacing", "0.001,0.001,0.001"]).refused(&["--target-spacing", "memory", "PB"]);
     assert!(!plans.exists(), "no plan written by a refused run");
-    let p = plan(&["--patch-size", "16,32,32", "--lr", "0.05", "--momentum", "0.9"]);
+    let p = plan(&["--patch-size", "16,32,32", "--lr", "0.05", "--momentum", "0.9", "--oversample-foreground", "1"]);
     p.ok();
     let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plans).unwrap()).unwrap();
     let batch = written["cps"]["labeled_batch"].as_u64().unwrap();
     assert!((2..=64).contains(&batch), "batch {batch}");
     assert_eq!(written["cps"]["optimizer"]["lr"], 0.05);
     assert_eq!(written["cps"]["optimizer"]["momentum"], 0.9);
+    assert_eq!(written["cps"]["oversample_foreground"], 1.0);
 }
 
 #[test]

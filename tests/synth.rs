@@ -134,4 +134,7 @@ fn info_reports_libtorch_and_devices() {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["libtorch_version"], "2.13.0");
     assert!(v["cpu_threads"].as_i64().unwrap() >= 1);
+    // Said both ways, and the same way.
+    let native = v["cpu_native_bf16"].as_bool().expect("cpu_native_bf16 is a boolean");
+    assert!(text.contains(if native { "bfloat16 native" } else { "bfloat16 emulated" }), "{text}");
 }

@@ -79,6 +79,28 @@ fn the_loss_falls_over_a_few_dozen_steps() {
 }
 
 #[test]
+fn bfloat16_convolutions_on_the_cpu_learn_like_float32_and_reach_the_trainers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let (f32_run, bf16_run) = (tmp.path().join("f32"), tmp.path().join("bf16"));
+    let full = train(&options(&shards, &f32_run, 4, 8), Start::New, None, |_| {}).unwrap();
+    let low =
+        train(&TrainOptions { cpu_bf16: true, ..options(&shards, &bf16_run, 4, 8) }, Start::New, None, |_| {}).unwrap();
+    for net in 0..2 {
+        let (first, last) = (low[0].sup_loss[net], low[3].sup_loss[net]);
+        assert!(last < first - 0.3, "net {net}: supervised loss {first} -> {last}");
+        // Same seed, same batches: the first epoch's loss differs only by rounding.
+        assert!((first - full[0].sup_loss[net]).abs() < 0.05, "{first} vs {}", full[0].sup_loss[net]);
+    }
+    let (wf, wb) = (final_weights(&f32_run), final_weights(&bf16_run));
+    let differs = wf.iter().zip(&wb).flat_map(|(a, b)| a.iter().zip(b)).any(|((_, va), (_, vb))| va != vb);
+    assert!(differs, "the bfloat16 run's weights equal the float32 run's: the option did not reach the networks");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bf16_run.join("train.json")).unwrap()).unwrap();
+    assert_eq!(saved["cpu_bf16"], true, "a resumed run keeps its precision");
+}
+
+#[test]
 fn resuming_gives_the_same_parameters_as_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = common::tiny_shards(tmp.path());

@@ -416,7 +416,7 @@ fn run_arm(
     // The held-out cases are scored below: train on every labeled case.
     let opts = TrainOptions {
         supervised_only: !arm.cps(),
-        ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment)?
+        ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment, false)?
     };
     let prefix = format!("{} seed {seed} ", arm.name());
     let trained = workflow::train_to_end(&opts, |l| println!("{}", workflow::epoch_line(&prefix, l)))?;

@@ -14,6 +14,7 @@ use super::workflow::{self, stage, DataSource};
 use super::{planning::List, MinMax, Zyx};
 use cps3d::planning::fingerprint::Fingerprint;
 use cps3d::planning::plan::{PlanOverrides, Plans};
+use cps3d::training::options::cpu_has_native_bf16;
 use cps3d::training::run::default_devices;
 use cps3d::training::trainer::StepPhases;
 
@@ -56,7 +57,7 @@ pub struct DemoArgs {
     /// Features per network stage (the paper's network: 32,64,128,256,320,320).
     #[arg(long, default_value = "16,32,64,128")]
     features: List,
-    #[arg(long, default_value_t = 35)]
+    #[arg(long, default_value_t = 50)]
     epochs: usize,
     #[arg(long, default_value_t = 20)]
     iterations: usize,
@@ -66,6 +67,11 @@ pub struct DemoArgs {
     lr: f64,
     #[arg(long, default_value_t = 0.9, value_parser = super::planning::momentum, allow_negative_numbers = true)]
     momentum: f64,
+    /// Share of the labeled samples centred on a voxel of a random class present in the
+    /// case (nnU-Net's 0.33). 1.0 makes each adrenal gland the centre of one labeled sample
+    /// in 13 instead of one in 39: a higher mean over three seeds, but a wider spread.
+    #[arg(long, default_value_t = 0.33, value_parser = super::planning::fraction, allow_negative_numbers = true)]
+    oversample_foreground: f64,
     /// Normalise CT with statistics over all voxels (3D-CPS's) instead of the foreground's
     /// (nnU-Net's): all voxels squeeze the organs into a few hundredths of a z-unit.
     #[arg(long)]
@@ -73,6 +79,11 @@ pub struct DemoArgs {
     /// Epochs over which λ rises from 0 to 0.5 (default: all of them).
     #[arg(long)]
     lambda_ramp_epochs: Option<usize>,
+    /// Convolutions in float32 on the CPU. By default they run in bfloat16 (float32
+    /// weights, norms and losses) where the CPU computes it natively (AVX512-BF16):
+    /// about 1.6× more steps in the same time.
+    #[arg(long)]
+    float32: bool,
     /// Devices of the two trainers (default: GPUs when present, else cpu,cpu).
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<String>>,
@@ -115,6 +126,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             iterations_per_epoch: Some(a.iterations),
             lr: Some(a.lr),
             momentum: Some(a.momentum),
+            oversample_foreground: Some(a.oversample_foreground),
             foreground_statistics: !a.all_voxel_stats,
             // λ ramps over the whole short run: at full weight from the first epochs, the
             // siblings' argmax labels (background for every organ not learned yet) would
@@ -136,7 +148,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(DEMO, "train", || {
         let devices = a.devices.clone().unwrap_or_else(default_devices);
         // The demo scores its own held-out cases below: train on every labeled case.
-        let opts = workflow::held_out_training(&shards, &run_dir, devices, a.seed, a.augment)?;
+        let cpu_bf16 = !a.float32 && cpu_has_native_bf16();
+        if devices.iter().any(|d| d == "cpu") {
+            println!(
+                "  convolutions on the CPU in {}",
+                if cpu_bf16 { "bfloat16 (native on this CPU)" } else { "float32" }
+            );
+        }
+        let opts = workflow::held_out_training(&shards, &run_dir, devices, a.seed, a.augment, cpu_bf16)?;
         let mut phases = Vec::new();
         let trained = workflow::train_to_end(&opts, |l| {
             phases.push(l.phases);

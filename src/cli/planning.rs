@@ -162,6 +162,10 @@ pub struct PlanArgs {
     /// SGD's momentum, in [0, 1) (nnU-Net: 0.99).
     #[arg(long, value_parser = momentum, allow_negative_numbers = true)]
     momentum: Option<f64>,
+    /// Share of the labeled samples centred on a voxel of a random class present in
+    /// the case, in [0, 1] (nnU-Net: 0.33).
+    #[arg(long, value_parser = fraction, allow_negative_numbers = true)]
+    oversample_foreground: Option<f64>,
     /// Switch all training augmentation off (it can also be edited per transform in plans.json).
     #[arg(long)]
     no_augmentation: bool,
@@ -178,6 +182,13 @@ pub(crate) fn momentum(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
         _ => Err(format!("\"{s}\" is not a momentum in [0, 1)")),
+    }
+}
+
+pub(crate) fn fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("\"{s}\" is not a fraction in [0, 1]")),
     }
 }
 
@@ -198,6 +209,7 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         iterations_per_epoch: a.iterations,
         lr: a.lr,
         momentum: a.momentum,
+        oversample_foreground: a.oversample_foreground,
         lambda_ramp_epochs: a.lambda_ramp_epochs,
         constant_lambda: a.constant_lambda,
         plateau_lr: a.plateau_lr,

@@ -170,13 +170,15 @@ pub fn preprocess(dataset: &Path, plans: &Plans, shards: &Path, configuration: &
 }
 
 /// Training options of a run scored on held-out cases: every labeled case trained on
-/// (`--fold all`), no final validation, augmentation only on request.
+/// (`--fold all`), no final validation, augmentation only on request, bfloat16
+/// convolutions on the CPU if `cpu_bf16`.
 pub fn held_out_training(
     shards: &Path,
     run_dir: &Path,
     devices: Vec<String>,
     seed: u64,
     augment: bool,
+    cpu_bf16: bool,
 ) -> Result<TrainOptions> {
     Ok(TrainOptions {
         shards: std::fs::canonicalize(shards).with_context(|| shards.display().to_string())?,
@@ -187,6 +189,7 @@ pub fn held_out_training(
         fold: "all".into(),
         val_iterations: 5,
         final_validation: false,
+        cpu_bf16,
         ..Default::default()
     })
 }
@@ -227,6 +230,10 @@ pub fn predict_cases(
     mut on_case: impl FnMut(&str, f64),
 ) -> Result<()> {
     let opts = PredictOptions { checkpoint: "final".into(), device, ..Default::default() };
+    if device == tch::Device::Cpu {
+        // Training split the cores between the two trainers; one network predicts now.
+        tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+    }
     let model = Model::load(run_dir, &opts.checkpoint, device, opts.ensemble)?;
     std::fs::create_dir_all(predictions).with_context(|| predictions.display().to_string())?;
     for case in &test.cases {

@@ -208,6 +208,9 @@ pub struct PlanOverrides {
     /// SGD's initial learning rate and momentum (nnU-Net: 0.01, 0.99).
     pub lr: Option<f64>,
     pub momentum: Option<f64>,
+    /// Share of each batch's labeled samples centred on a voxel of a random class
+    /// (nnU-Net: 0.33).
+    pub oversample_foreground: Option<f64>,
     pub lambda_ramp_epochs: Option<usize>,
     pub constant_lambda: bool,
     pub plateau_lr: bool,
@@ -452,7 +455,7 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
         epochs,
         iterations_per_epoch: overrides.iterations_per_epoch.unwrap_or(250),
         grad_clip_norm: 12.0,
-        oversample_foreground: 0.33,
+        oversample_foreground: overrides.oversample_foreground.unwrap_or(0.33),
         mixed_precision: true,
     };
     let mut original_shape = fp.median_shape_after_crop;

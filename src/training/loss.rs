@@ -48,10 +48,9 @@ impl DiceCe {
             None => (target.shallow_clone(), None),
         };
         let dims = probs.dim() as i64;
-        // one_hot puts classes last: move them to dim 1.
-        let mut perm = vec![0i64, dims - 1];
-        perm.extend(1..dims - 1);
-        let mut onehot = t.one_hot(c).permute(&perm).to_kind(Kind::Float);
+        // Scattered straight into the probabilities' kind and layout, without gradient
+        // (nnU-Net's way): no int64 one-hot with classes last, no permuted copy.
+        let mut onehot = tch::no_grad(|| probs.zeros_like().scatter_value(1, &t.unsqueeze(1), 1.0));
         let mut p = probs;
         if let Some(m) = &mask {
             // Not in place: softmax's backward needs its output unchanged.

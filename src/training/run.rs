@@ -210,6 +210,7 @@ pub fn train(
         grad_clip: plans.cps.grad_clip_norm,
         batch_dice: conf.batch_dice,
         mixed_precision: plans.cps.mixed_precision,
+        cpu_bf16: opts.cpu_bf16,
         exchange: None,
         cancel: cancel.clone(),
         timeout: std::time::Duration::from_secs(opts.timeout_seconds),

@@ -228,6 +228,8 @@ pub struct TrainerSetup {
     pub batch_dice: bool,
     /// fp16 autocast with loss scaling on CUDA (the plan's `cps.mixed_precision`).
     pub mixed_precision: bool,
+    /// bfloat16 convolutions when on the CPU.
+    pub cpu_bf16: bool,
     pub exchange: Option<Exchange>,
     pub cancel: Arc<Cancel>,
     /// How long a wait for a batch or for the sibling's labels may last.
@@ -266,7 +268,10 @@ pub fn start(setup: TrainerSetup) -> Result<TrainerHandle, TrainerError> {
                 }
                 tch::manual_seed(setup.seed);
                 let vs = nn::VarStore::new(setup.device);
-                let net = UNet::new(&vs.root(), &setup.spec);
+                let mut net = UNet::new(&vs.root(), &setup.spec);
+                if setup.cpu_bf16 && setup.device == Device::Cpu {
+                    net.conv_kind = Some(Kind::BFloat16);
+                }
                 (vs, net)
             }));
             let (vs, net) = match built {
