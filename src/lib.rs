@@ -11,6 +11,7 @@ pub mod inference;
 pub mod info;
 pub mod interop;
 pub mod io;
+pub mod metrics;
 pub mod planning;
 pub mod preprocessing;
 pub mod preview;

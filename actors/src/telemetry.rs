@@ -46,14 +46,29 @@ pub struct QueueStats {
     samples: AtomicU64,
     sum: AtomicU64,
     max: AtomicUsize,
+    /// The latest sample.
+    last: AtomicUsize,
 }
 
 impl QueueStats {
     pub fn new(name: &'static str, capacity: usize) -> QueueStats {
-        QueueStats { name, capacity, samples: AtomicU64::new(0), sum: AtomicU64::new(0), max: AtomicUsize::new(0) }
+        QueueStats {
+            name,
+            capacity,
+            samples: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+            max: AtomicUsize::new(0),
+            last: AtomicUsize::new(0),
+        }
+    }
+
+    /// The depth at the latest sample.
+    pub fn depth(&self) -> usize {
+        self.last.load(Ordering::Relaxed)
     }
 
     pub fn record(&self, depth: usize) {
+        self.last.store(depth, Ordering::Relaxed);
         self.samples.fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(depth as u64, Ordering::Relaxed);
         self.max.fetch_max(depth, Ordering::Relaxed);
@@ -222,8 +237,17 @@ impl Snapshot {
 
 /// Peak resident set size of this process in bytes (VmHWM), where /proc has it.
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// Resident set size of this process now, in bytes (VmRSS), where /proc has it.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS:")
+}
+
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

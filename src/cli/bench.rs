@@ -48,6 +48,10 @@ pub struct DataPathArgs {
     pub open_shards: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Serve live metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9184; port 0
+    /// picks a free one; the address is printed on stderr).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Queue capacities are allocated up front (crossbeam's bounded channels).
@@ -138,6 +142,7 @@ pub fn run_bench(cfg: DataPathConfig, warmup: usize, batches: usize) -> Result<B
     let (l, a, b) = (cfg.loaders, cfg.augmenters, cfg.batchers);
     let queue_bound_mb = cfg.queue_bytes() as f64 / 1e6;
     let mut dp = super::no_panic("starting the data path", || DataPath::start(cfg).map_err(anyhow::Error::msg))?;
+    cps3d::metrics::watch_datapath(dp.telemetry_handle());
     let take = |dp: &DataPath| -> Result<()> {
         for c in 0..consumers {
             if dp.next(c, Duration::from_secs(600)).is_none() {
@@ -192,6 +197,7 @@ pub struct BenchArgs {
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     let cfg = datapath_config(&a.path)?;
+    super::start_metrics(a.path.metrics_addr.as_deref())?;
     let r = run_bench(cfg, 2, a.batches)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -260,6 +266,7 @@ pub fn tune_candidates(cores: usize) -> Vec<(usize, usize, usize)> {
 }
 
 pub fn tune(a: TuneArgs) -> Result<()> {
+    super::start_metrics(a.path.metrics_addr.as_deref())?;
     let mut reports = Vec::new();
     for (l, aug, b) in tune_candidates(a.cores) {
         let mut args = a.path.clone();

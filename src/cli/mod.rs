@@ -222,6 +222,16 @@ pub(crate) fn positive_f64(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// Starts the `/metrics` server when an address is given and says where it listens.
+pub(crate) fn start_metrics(addr: Option<&str>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(addr) = addr {
+        let bound = cps3d::metrics::serve(addr).with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+        eprintln!("metrics: http://{bound}/metrics");
+    }
+    Ok(())
+}
+
 /// Runs `f`, turning a panic into an error that names `what`: a pool whose threads
 /// cannot be spawned panics inside std, and the user should get a message instead.
 pub(crate) fn no_panic<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {

@@ -83,9 +83,14 @@ pub struct TrainArgs {
     /// losses): about twice as fast on CPUs with AVX512-BF16, slower on others.
     #[arg(long)]
     cpu_bf16: bool,
+    /// Serve live metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9184; port 0
+    /// picks a free one; the address is printed on stderr). Off unless given.
+    #[arg(long)]
+    metrics_addr: Option<String>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    super::start_metrics(a.metrics_addr.as_deref())?;
     let (opts, start) = match &a.resume {
         Some(dir) => {
             let req = ResumeRequest {

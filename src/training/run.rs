@@ -273,6 +273,12 @@ fn epochs(
         let mut cfg = datapath_config(&opts.shards, &knobs)?;
         cfg.labeled.retain(|c| train_ids.contains(&c.id));
         let mut dp = DataPath::start(cfg).map_err(|e| Error::invalid(&opts.shards, e))?;
+        crate::metrics::watch_datapath(dp.telemetry_handle());
+        if let Some(m) = crate::metrics::global() {
+            m.trainer.epoch.set(epoch as i64);
+            m.trainer.lambda.set(lambda);
+            m.trainer.learning_rate.set(lr);
+        }
         let steps = plans.cps.iterations_per_epoch;
         let trained =
             trainers.round(|i| Command::Train { epoch, steps, lr, lambda, batches: dp.consumer(i) }, Some(&dp));
@@ -306,6 +312,17 @@ fn epochs(
             epoch_seconds: t_epoch.elapsed().as_secs_f64(),
             phases: StepPhases::mean(stats.iter().map(|s| &s.phases)),
         };
+        if let Some(m) = crate::metrics::global() {
+            for (i, s) in stats.iter().enumerate() {
+                let term = |t: &str| vec![("sibling", i.to_string()), ("term", t.to_string())];
+                m.trainer.loss.get_or_create(&term("total")).set(s.loss);
+                m.trainer.loss.get_or_create(&term("supervised")).set(s.sup_loss);
+                m.trainer.loss.get_or_create(&term("cps")).set(s.cps_loss);
+            }
+            for (i, d) in log.pseudo_dice.iter().enumerate() {
+                m.trainer.pseudo_dice.get_or_create(&crate::metrics::sibling_labels(i)).set(mean_finite(d));
+            }
+        }
         state.epoch = epoch;
         state.log = Some(log.clone());
         let improved = state.ema > state.best_ema;

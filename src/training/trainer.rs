@@ -514,7 +514,11 @@ impl TrainerState {
             }
             stats.steps += 1;
             lap(&mut phases.optimizer);
-            total += t0.elapsed();
+            let step = t0.elapsed();
+            total += step;
+            if let Some(m) = crate::metrics::global() {
+                m.trainer.record_step(self.setup.index, step.as_secs_f64(), (t1 - t0).as_secs_f64());
+            }
             if let Some(c) = &self.setup.steps_done {
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }

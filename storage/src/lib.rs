@@ -9,6 +9,7 @@
 
 mod error;
 mod format;
+mod io_stats;
 mod locations;
 mod reader;
 mod verify;
@@ -16,6 +17,7 @@ mod writer;
 
 pub use error::{Result, StorageError, Stream};
 pub use format::{ImageFilter, FORMAT_VERSION, HEADER_LEN, MAGIC, SHARD_EXTENSION};
+pub use io_stats::{io_stats, IoStats};
 pub use locations::{
     locations_to_keep, sample_class_locations, ClassInfo, ClassLocations, ClassSample, DEFAULT_LOCATION_CAP,
     DEFAULT_LOCATION_MIN_FRACTION, DEFAULT_LOCATION_SEED,

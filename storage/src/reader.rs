@@ -64,6 +64,12 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+impl Drop for Shard {
+    fn drop(&mut self) {
+        crate::io_stats::closed();
+    }
+}
+
 impl Shard {
     /// Maps the file and validates its header, checksum, brick index and class table. Bricks
     /// are checked when read (or all at once by [`crate::verify_shard`]).
@@ -166,6 +172,7 @@ impl Shard {
             class_starts,
             metadata,
         };
+        crate::io_stats::opened();
         for c in &shard.classes {
             shard.check_locations(c.class)?;
         }
@@ -502,6 +509,7 @@ impl Shard {
         if n != raw_len {
             return Err(fail(format!("decompressed to {n} bytes, expected {raw_len}")));
         }
+        crate::io_stats::brick_read(u64::from(entry.len), raw_len as u64);
         Ok(&scratch.brick[..raw_len])
     }
 

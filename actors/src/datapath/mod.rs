@@ -259,7 +259,7 @@ pub(crate) struct Shared {
     pub raw_pool: (Sender<RawBuffers>, Receiver<RawBuffers>),
     pub sample_pool: (Sender<Sample>, Receiver<Sample>),
     pub batch_pool: (Sender<BatchBuffers>, Receiver<BatchBuffers>),
-    pub telemetry: Telemetry,
+    pub telemetry: Arc<Telemetry>,
     pub batch_counter: AtomicU64,
     /// Held while a batch is handed to every consumer (see the batcher).
     pub fanout: Mutex<()>,
@@ -300,7 +300,7 @@ impl DataPath {
             outputs.push(tx);
             consumers.push(rx);
         }
-        let telemetry = Telemetry::new(
+        let telemetry = Arc::new(Telemetry::new(
             vec![
                 StageStats::new("loader", cfg.loaders),
                 StageStats::new("augmenter", cfg.augmenters),
@@ -311,7 +311,7 @@ impl DataPath {
                 QueueStats::new("augmented", cfg.augmented_queue.max(1)),
                 QueueStats::new("batches", cfg.batch_queue.max(1)),
             ],
-        );
+        ));
         let pool_cap = cfg.raw_queue + cfg.loaders + cfg.augmenters + 2;
         let shared_batch_cap = cfg.batch_queue * cfg.consumers + cfg.batchers + 2;
         let sample_cap =
@@ -369,6 +369,11 @@ impl DataPath {
 
     pub fn telemetry(&self) -> Snapshot {
         self.shared.telemetry.summary()
+    }
+
+    /// The live counters, which outlive the path (monitoring reads them at any time).
+    pub fn telemetry_handle(&self) -> Arc<Telemetry> {
+        self.shared.telemetry.clone()
     }
 
     pub fn failure(&self) -> Option<String> {

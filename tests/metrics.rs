@@ -1,0 +1,148 @@
+//! `/metrics` scraped over real HTTP from a running `cps3d bench`, parsed with a
+//! Prometheus text parser: counters grow between scrapes, gauges stay in their bounds.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prometheus_parse::{Scrape, Value};
+
+/// Kills the child when the test ends, passed or not.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cps3d ARGS --metrics-addr 127.0.0.1:0` and returns it with the address it printed.
+fn start(args: &[&str]) -> (Running, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cps3d"))
+        .args(args)
+        .args(["--metrics-addr", "127.0.0.1:0", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let running = Running(child);
+    let line = lines.next().expect("a line on stderr").unwrap();
+    let addr = line
+        .strip_prefix("metrics: http://")
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("first stderr line names the address: {line}"))
+        .to_string();
+    // Keep draining stderr so that the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (running, addr)
+}
+
+/// One HTTP/1.1 GET; returns (status line, headers, body).
+fn get(addr: &str, path: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_lowercase(), body.to_string())
+}
+
+fn scrape(addr: &str) -> (String, Scrape) {
+    let (status, headers, body) = get(addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(headers.contains("content-type: application/openmetrics-text"), "{headers}");
+    assert!(body.trim_end().ends_with("# EOF"), "OpenMetrics ends with # EOF");
+    let parsed = Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    (body, parsed)
+}
+
+/// The value of the sample `metric` whose labels include every `labels` pair.
+fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = s
+        .samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no sample {metric} {labels:?}"));
+    match sample.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+        ref other => panic!("{metric}: unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_running_bench_serves_metrics_that_prometheus_can_parse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let (_bench, addr) = start(&["bench", shards.to_str().unwrap(), "--batches", "100000000"]);
+    let started = Instant::now();
+    // The server listens before the data path has started: its families appear then.
+    let (text, first) = loop {
+        let (text, parsed) = scrape(&addr);
+        if text.contains("cps3d_datapath_items_total") {
+            break (text, parsed);
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no data-path metrics after 60 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for family in ["cps3d_datapath_items", "cps3d_datapath_busy_seconds", "cps3d_shard_read_bytes"] {
+        assert!(text.contains(&format!("# TYPE {family} counter")), "{family} is a counter:\n{text}");
+    }
+    assert!(text.contains("# UNIT cps3d_datapath_busy_seconds seconds"), "{text}");
+    std::thread::sleep(Duration::from_millis(700));
+    let (_, second) = scrape(&addr);
+    for stage in ["loader", "augmenter", "batcher"] {
+        let (a, b) = (
+            value(&first, "cps3d_datapath_items_total", &[("stage", stage)]),
+            value(&second, "cps3d_datapath_items_total", &[("stage", stage)]),
+        );
+        assert!(b > a, "{stage}: items {a} -> {b}: a running data path's counter grows");
+        let busy = value(&second, "cps3d_datapath_busy_seconds_total", &[("stage", stage)]);
+        let wall = started.elapsed().as_secs_f64() + 5.0;
+        assert!(busy >= value(&first, "cps3d_datapath_busy_seconds_total", &[("stage", stage)]));
+        assert!(busy < wall, "{stage}: one worker cannot be busy {busy} s in {wall} s");
+        assert_eq!(value(&second, "cps3d_datapath_workers", &[("stage", stage)]), 1.0);
+        assert_eq!(value(&second, "cps3d_datapath_errors_total", &[("stage", stage)]), 0.0);
+    }
+    for queue in ["raw", "augmented", "batches"] {
+        let depth = value(&second, "cps3d_datapath_queue_depth", &[("queue", queue)]);
+        let capacity = value(&second, "cps3d_datapath_queue_capacity", &[("queue", queue)]);
+        assert!(capacity >= 1.0 && (0.0..=capacity).contains(&depth), "{queue}: {depth}/{capacity}");
+    }
+    assert!(value(&second, "cps3d_shard_read_bytes_total", &[]) > value(&first, "cps3d_shard_read_bytes_total", &[]));
+    let (read, raw) = (
+        value(&second, "cps3d_shard_read_bytes_total", &[]),
+        value(&second, "cps3d_shard_decompressed_bytes_total", &[]),
+    );
+    assert!(raw > read, "bricks decompress to more than they take on disk: {read} -> {raw}");
+    let open = value(&second, "cps3d_shards_open", &[]);
+    assert!((1.0..=64.0).contains(&open), "{open} shards open");
+    let rss = value(&second, "cps3d_process_resident_memory_bytes", &[]);
+    let peak = value(&second, "cps3d_process_peak_resident_memory_bytes", &[]);
+    assert!(rss > 1e6 && rss <= peak && peak < 8e9, "rss {rss}, peak {peak}");
+    let (status, _, body) = get(&addr, "/");
+    assert!(status.contains("404") && body.contains("/metrics"), "{status} {body}");
+}
+
+#[test]
+fn an_address_that_cannot_be_listened_on_is_refused_with_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    for addr in [port.as_str(), "not-an-address"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cps3d"))
+            .args(["bench", shards.to_str().unwrap(), "--batches", "1", "--metrics-addr", addr])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{addr}: {err}");
+        assert!(err.contains("--metrics-addr") && err.contains(addr) && err.contains("cannot listen"), "{err}");
+    }
+}
