@@ -146,3 +146,77 @@ fn an_address_that_cannot_be_listened_on_is_refused_with_the_flag() {
         assert!(err.contains("--metrics-addr") && err.contains(addr) && err.contains("cannot listen"), "{err}");
     }
 }
+
+/// Percent-encodes a PromQL query for a URL.
+fn url_encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The first result's value of an instant query against Prometheus's HTTP API.
+fn query(prometheus: &str, promql: &str) -> Option<f64> {
+    let (status, _, body) = get(prometheus, &format!("/api/v1/query?query={}", url_encode(promql)));
+    if !status.contains("200") {
+        return None;
+    }
+    // Chunked or not, the JSON object is the body's outermost braces.
+    let json = &body[body.find('{')?..=body.rfind('}')?];
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+#[test]
+fn a_real_prometheus_server_scrapes_a_running_bench() {
+    let Some(binary) = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("prometheus")).find(|b| b.is_file()))
+    else {
+        println!("SKIPPED: the prometheus binary is not on PATH (Debian: apt-get install prometheus)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let (_bench, addr) = start(&["bench", shards.to_str().unwrap(), "--batches", "100000000"]);
+    let web = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let config = tmp.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: cps3d\n    static_configs:\n      - targets: ['{addr}']\n"),
+    )
+    .unwrap();
+    let _prometheus = Running(
+        Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", tmp.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let mut up = None;
+    let mut rate = None;
+    while started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+        if TcpStream::connect(&web).is_err() {
+            continue;
+        }
+        up = query(&web, "up{job=\"cps3d\"}");
+        rate = query(&web, "rate(cps3d_datapath_items_total{stage=\"loader\"}[10s])");
+        if up == Some(1.0) && rate.is_some_and(|r| r > 0.0) {
+            break;
+        }
+    }
+    assert_eq!(up, Some(1.0), "Prometheus sees the target up");
+    assert!(rate.is_some_and(|r| r > 0.0), "the loader's item rate through PromQL: {rate:?}");
+}
