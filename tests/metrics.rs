@@ -219,4 +219,19 @@ fn a_real_prometheus_server_scrapes_a_running_bench() {
     }
     assert_eq!(up, Some(1.0), "Prometheus sees the target up");
     assert!(rate.is_some_and(|r| r > 0.0), "the loader's item rate through PromQL: {rate:?}");
+    // Every query of the Grafana dashboard is valid PromQL over these metrics.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ops/grafana-cps3d.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap().replace("$job", ".*").replace("$instance", ".*");
+            let (status, _, body) = get(&web, &format!("/api/v1/query?query={}", url_encode(&expr)));
+            assert!(status.contains("200") && body.contains("\"success\""), "{}: {expr}: {body}", panel["title"]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "{checked} dashboard queries");
 }
