@@ -76,6 +76,8 @@ pub fn sibling_labels(sibling: usize) -> Labels {
 pub struct Metrics {
     registry: Registry,
     pub trainer: TrainerMetrics,
+    /// Worker changes the autotuner made.
+    pub autotune_decisions: Counter,
     datapaths: Arc<DataPathCollector>,
 }
 
@@ -116,10 +118,16 @@ impl Metrics {
         registry.register("trainer_cps_lambda", "Weight of the CPS term this epoch", trainer.lambda.clone());
         registry.register("trainer_learning_rate", "SGD learning rate this epoch", trainer.learning_rate.clone());
         registry.register("trainer_epoch", "Epoch being trained (0-based)", trainer.epoch.clone());
+        let autotune_decisions = Counter::default();
+        registry.register(
+            "autotune_decisions",
+            "Worker changes the autotuner made (details in RUN/autotune.jsonl)",
+            autotune_decisions.clone(),
+        );
         let datapaths = Arc::new(DataPathCollector::default());
         registry.register_collector(Box::new(datapaths.clone()));
         registry.register_collector(Box::new(ProcessCollector));
-        Metrics { registry, trainer, datapaths }
+        Metrics { registry, trainer, autotune_decisions, datapaths }
     }
 
     /// Adds a data path's counters to what is served (kept after the path stops).

@@ -101,6 +101,32 @@ fn bfloat16_convolutions_on_the_cpu_learn_like_float32_and_reach_the_trainers() 
 }
 
 #[test]
+fn with_a_data_core_budget_the_data_path_is_tuned_during_training_and_the_decisions_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let run_dir = tmp.path().join("run");
+    // Two loaders for trainers that cannot keep up with one: the batch queue stays full.
+    let opts = TrainOptions {
+        loaders: 2,
+        data_cores: Some(2),
+        autotune_interval_seconds: 0.2,
+        ..options(&shards, &run_dir, 2, 12)
+    };
+    let logs = train(&opts, Start::New, None, |_| {}).unwrap();
+    assert_eq!(logs.len(), 2);
+    let text = std::fs::read_to_string(run_dir.join("autotune.jsonl")).expect("autotune.jsonl");
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let d = &first["decision"];
+    assert_eq!((d["from"].clone(), d["to"].clone()), (serde_json::json!([2, 1]), serde_json::json!([1, 1])), "{text}");
+    assert!(d["reason"].as_str().unwrap().contains("full") && d["batches_per_s"].as_f64().unwrap() > 0.0, "{text}");
+    // Off, nothing is tuned and nothing logged.
+    let fixed = TrainOptions { no_autotune: true, ..opts.clone() };
+    let fixed_dir = tmp.path().join("fixed");
+    train(&TrainOptions { run_dir: fixed_dir.clone(), ..fixed }, Start::New, None, |_| {}).unwrap();
+    assert!(!fixed_dir.join("autotune.jsonl").exists());
+}
+
+#[test]
 fn resuming_gives_the_same_parameters_as_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = common::tiny_shards(tmp.path());

@@ -62,6 +62,11 @@ impl QueueStats {
         }
     }
 
+    /// Samples taken and the sum of their depths, since the start.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.samples.load(Ordering::Relaxed), self.sum.load(Ordering::Relaxed))
+    }
+
     /// The depth at the latest sample.
     pub fn depth(&self) -> usize {
         self.last.load(Ordering::Relaxed)

@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::Zyx;
 use cps3d_actors::augment::AugmentConfig;
+use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner, Decision};
 use cps3d_actors::datapath::{DataPath, DataPathConfig};
 use cps3d_actors::telemetry::{peak_rss_bytes, Snapshot};
 
@@ -131,11 +132,24 @@ pub struct BenchReport {
     pub peak_rss_mb: f64,
     pub queue_bound_mb: f64,
     pub telemetry: Snapshot,
+    /// With `--autotune`: its changes, and patches/s in the configuration it ended with,
+    /// from one interval after its last change.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_workers: Option<[usize; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settled_patches_per_s: Option<f64>,
 }
 
 /// Runs the data path alone for `batches` batches after `warmup` (consumers take
 /// every batch at once, as infinitely fast trainers would).
-pub fn run_bench(cfg: DataPathConfig, warmup: usize, batches: usize) -> Result<BenchReport> {
+pub fn run_bench(
+    cfg: DataPathConfig,
+    warmup: usize,
+    batches: usize,
+    autotune: Option<AutotuneConfig>,
+) -> Result<BenchReport> {
     let samples = cfg.labeled_batch + cfg.unlabeled_batch;
     let (patch, bl, bu, consumers) = (cfg.patch, cfg.labeled_batch, cfg.unlabeled_batch, cfg.consumers);
     let augmentation = cfg.augmentation != AugmentConfig::none();
@@ -154,12 +168,33 @@ pub fn run_bench(cfg: DataPathConfig, warmup: usize, batches: usize) -> Result<B
     for _ in 0..warmup {
         take(&dp)?;
     }
+    let tuner = autotune.map(|c| {
+        Autotuner::start(dp.control(), c, |d| {
+            eprintln!(
+                "autotune at {:.1} s: loaders {} -> {}, augmenters {} -> {} ({}; {:.2} batches/s, busy loader {:.0}% augmenter {:.0}%)",
+                d.seconds, d.from[0], d.to[0], d.from[1], d.to[1], d.reason, d.batches_per_s, d.busy[0] * 100.0, d.busy[1] * 100.0
+            )
+        })
+    });
     let before = dp.telemetry();
     let start = Instant::now();
+    let mut done = Vec::with_capacity(batches);
     for _ in 0..batches {
         take(&dp)?;
+        done.push(start.elapsed().as_secs_f64());
     }
     let seconds = start.elapsed().as_secs_f64();
+    let decisions = tuner.map(Autotuner::stop).unwrap_or_default();
+    let final_workers = autotune.map(|_| {
+        let w = dp.workers();
+        [w[0], w[1]]
+    });
+    // Patches/s once the last change has settled (one interval after it).
+    let settled_patches_per_s = autotune.and_then(|c| {
+        let from = decisions.last().map_or(0.0, |d| d.seconds + c.interval.as_secs_f64());
+        let after: Vec<f64> = done.iter().copied().filter(|&t| t > from).collect();
+        (after.len() >= 2).then(|| ((after.len() - 1) * samples) as f64 / (after[after.len() - 1] - after[0]))
+    });
     let after = dp.stop();
     let busy: f64 = after.stages.iter().zip(&before.stages).map(|(x, y)| x.busy_seconds - y.busy_seconds).sum();
     let patches = batches * samples;
@@ -180,6 +215,9 @@ pub fn run_bench(cfg: DataPathConfig, warmup: usize, batches: usize) -> Result<B
         peak_rss_mb: peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
         queue_bound_mb,
         telemetry: after,
+        decisions,
+        final_workers,
+        settled_patches_per_s,
     })
 }
 
@@ -193,12 +231,25 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Move workers between loaders and augmenters while it runs, within --cores, to
+    /// the fastest split (starting from --loaders/--augmenters); prints every change.
+    #[arg(long)]
+    pub autotune: bool,
+    /// The core budget of --autotune: loaders + augmenters ≤ cores + 1, as `tune` counts.
+    #[arg(long, default_value_t = super::default_workers(), requires = "autotune")]
+    #[arg(value_parser = super::workers, allow_negative_numbers = true)]
+    pub cores: usize,
+    /// Seconds between autotune decisions (each change settles, then is measured, for this long).
+    #[arg(long, default_value_t = 2.0, requires = "autotune", value_parser = super::planning::positive_f64)]
+    pub autotune_interval: f64,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     let cfg = datapath_config(&a.path)?;
     super::start_metrics(a.path.metrics_addr.as_deref())?;
-    let r = run_bench(cfg, 2, a.batches)?;
+    let autotune =
+        a.autotune.then(|| AutotuneConfig { cores: a.cores, interval: Duration::from_secs_f64(a.autotune_interval) });
+    let r = run_bench(cfg, 2, a.batches, autotune)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -233,6 +284,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     println!("bottleneck: {}", r.telemetry.bottleneck);
     println!("peak RSS {:.0} MB (queues hold at most {:.0} MB)", r.peak_rss_mb, r.queue_bound_mb);
+    if let Some(w) = r.final_workers {
+        let settled = r
+            .settled_patches_per_s
+            .map_or("too few batches after it to measure".into(), |p| format!("{p:.2} patches/s once settled"));
+        println!(
+            "autotune: {} change(s); ended with --loaders {} --augmenters {}; {settled}",
+            r.decisions.len(),
+            w[0],
+            w[1]
+        );
+    }
     Ok(())
 }
 
@@ -272,7 +334,7 @@ pub fn tune(a: TuneArgs) -> Result<()> {
         let mut args = a.path.clone();
         (args.loaders, args.augmenters, args.batchers) = (l, aug, b);
         let cfg = datapath_config(&args)?;
-        let r = run_bench(cfg, 1, a.batches)?;
+        let r = run_bench(cfg, 1, a.batches, None)?;
         eprintln!(
             "loaders {l} augmenters {aug} batchers {b}: {:.2} patches/s ({})",
             r.patches_per_s, r.telemetry.bottleneck

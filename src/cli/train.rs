@@ -87,6 +87,17 @@ pub struct TrainArgs {
     /// picks a free one; the address is printed on stderr). Off unless given.
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Cores the data path may use. Given, loader and augmenter counts are tuned while
+    /// training, starting from --loaders/--augmenters: loaders + augmenters ≤ cores + 1;
+    /// every change goes to RUN_DIR/autotune.jsonl.
+    #[arg(long)]
+    data_cores: Option<usize>,
+    /// Keep --loaders/--augmenters fixed even with --data-cores.
+    #[arg(long)]
+    no_autotune: bool,
+    /// Seconds between autotune decisions (each change settles, then is measured, for this long).
+    #[arg(long, default_value_t = 5.0, value_parser = super::planning::positive_f64)]
+    autotune_interval: f64,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -151,6 +162,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 threads: a.threads,
                 timeout_seconds: a.timeout,
                 cpu_bf16: a.cpu_bf16,
+                data_cores: a.data_cores,
+                no_autotune: a.no_autotune,
+                autotune_interval_seconds: a.autotune_interval,
             };
             (opts, if a.overwrite { Start::Overwrite } else { Start::New })
         }

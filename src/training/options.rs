@@ -47,6 +47,19 @@ pub struct TrainOptions {
     /// losses): CPU autocast, the counterpart of fp16 autocast on CUDA.
     #[serde(default)]
     pub cpu_bf16: bool,
+    /// Cores the data path may use. Given, the loader and augmenter counts are tuned
+    /// while training (unless `no_autotune`): loaders + augmenters ≤ cores + 1.
+    #[serde(default)]
+    pub data_cores: Option<usize>,
+    #[serde(default)]
+    pub no_autotune: bool,
+    /// Seconds between autotune decisions.
+    #[serde(default = "default_autotune_interval")]
+    pub autotune_interval_seconds: f64,
+}
+
+fn default_autotune_interval() -> f64 {
+    5.0
 }
 
 fn default_fold() -> String {
@@ -87,6 +100,9 @@ impl Default for TrainOptions {
             threads: None,
             timeout_seconds: default_timeout(),
             cpu_bf16: false,
+            data_cores: None,
+            no_autotune: false,
+            autotune_interval_seconds: default_autotune_interval(),
         }
     }
 }
@@ -160,6 +176,10 @@ impl TrainOptions {
         positive("--epochs", self.epochs)?;
         positive("--iterations", self.iterations)?;
         positive("--threads", self.threads)?;
+        positive("--data-cores", self.data_cores)?;
+        if !(self.autotune_interval_seconds > 0.0 && self.autotune_interval_seconds.is_finite()) {
+            return Err(Error::invalid("--autotune-interval", "must be a positive number of seconds"));
+        }
         for (name, v) in [("--loaders", self.loaders), ("--augmenters", self.augmenters), ("--batchers", self.batchers)]
         {
             if v == 0 || v > 256 {
@@ -170,6 +190,11 @@ impl TrainOptions {
             return Err(Error::invalid("--timeout", "must be at least 1 second"));
         }
         self.trainer_devices().map(|_| ())
+    }
+
+    /// The autotuner's core budget, when it runs.
+    pub fn autotune_cores(&self) -> Option<usize> {
+        self.data_cores.filter(|_| !self.no_autotune)
     }
 
     /// libtorch's CPU threads: the budget split among the trainers on the CPU (both run

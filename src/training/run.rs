@@ -24,6 +24,7 @@ use super::trainer::{injected, Cancel, Command, Reply, StepPhases, TrainerSetup}
 use crate::error::{Error, Result};
 use crate::planning::plan::{LambdaSchedule, Plans};
 use crate::util::FolderLock;
+use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner, Decision};
 use cps3d_actors::datapath::DataPath;
 
 pub use super::checkpoint::read_log;
@@ -226,6 +227,27 @@ pub fn train(
     Ok(logs)
 }
 
+/// Appends an epoch's autotune decisions to `RUN/autotune.jsonl`, one JSON object each.
+fn append_autotune_log(run: &Path, epoch: usize, decisions: &[Decision]) -> Result<()> {
+    if decisions.is_empty() {
+        return Ok(());
+    }
+    let path = run.join("autotune.jsonl");
+    let mut text = String::new();
+    for d in decisions {
+        let line = serde_json::json!({ "epoch": epoch, "decision": d });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| Error::io(&path, e))
+}
+
 fn data_knobs(opts: &TrainOptions, patch: [usize; 3], consumers: usize) -> DataKnobs {
     DataKnobs {
         loaders: opts.loaders,
@@ -274,6 +296,16 @@ fn epochs(
         cfg.labeled.retain(|c| train_ids.contains(&c.id));
         let mut dp = DataPath::start(cfg).map_err(|e| Error::invalid(&opts.shards, e))?;
         crate::metrics::watch_datapath(dp.telemetry_handle());
+        let tuner = opts.autotune_cores().map(|cores| {
+            let interval = std::time::Duration::from_secs_f64(opts.autotune_interval_seconds);
+            let cfg = AutotuneConfig { cores, interval };
+            Autotuner::start(dp.control(), cfg, move |d| {
+                if let Some(m) = crate::metrics::global() {
+                    m.autotune_decisions.inc();
+                }
+                tracing::debug!("epoch {epoch}: autotune {d:?}");
+            })
+        });
         if let Some(m) = crate::metrics::global() {
             m.trainer.epoch.set(epoch as i64);
             m.trainer.lambda.set(lambda);
@@ -282,6 +314,13 @@ fn epochs(
         let steps = plans.cps.iterations_per_epoch;
         let trained =
             trainers.round(|i| Command::Train { epoch, steps, lr, lambda, batches: dp.consumer(i) }, Some(&dp));
+        if let Some(t) = tuner {
+            let decisions = t.stop();
+            // The next epoch's data path starts where this one's tuning ended.
+            let w = dp.workers();
+            (knobs.loaders, knobs.augmenters) = (w[0], w[1]);
+            append_autotune_log(run, epoch, &decisions)?;
+        }
         dp.stop();
         let stats: Vec<_> = trained
             .map_err(fail)?

@@ -12,6 +12,7 @@
 //! the ~64% of samples without rotation or scaling). Each batch reaches every
 //! consumer as the same `Arc`, never copied.
 
+pub mod autotune;
 mod sampler;
 mod stages;
 mod supervisor;
@@ -53,6 +54,10 @@ pub enum Stage {
 }
 
 impl Stage {
+    fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Stage::Loader => "loader",
@@ -268,9 +273,19 @@ pub(crate) struct Shared {
     pub handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub fatal: Mutex<Option<String>>,
     pub coordinator: Mutex<Option<supervisor::CoordinatorHandle>>,
+    /// Per stage, the live workers by id, each with the flag that retires it (set when
+    /// the stage shrinks; the worker leaves after handing on its current item).
+    pub live: Mutex<[std::collections::BTreeMap<usize, Arc<AtomicBool>>; 3]>,
+    /// Per stage, the next worker id (ids are never reused, so each worker's RNG stream is new).
+    pub next_id: [AtomicU64; 3],
 }
 
 impl Shared {
+    /// The retire flag of a live worker; `None` once it has been retired.
+    pub(crate) fn retire_flag(&self, stage: Stage, id: usize) -> Option<Arc<AtomicBool>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())[stage.index()].get(&id).cloned()
+    }
+
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
@@ -333,19 +348,39 @@ impl DataPath {
             handles: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             coordinator: Mutex::new(None),
+            live: Mutex::new(Default::default()),
+            next_id: Default::default(),
         });
         let coordinator = supervisor::start(shared.clone())?;
         *shared.coordinator.lock().unwrap_or_else(|e| e.into_inner()) = Some(coordinator);
+        let path = DataPath { shared, stop_tx: Some(stop_tx), consumers };
         for (stage, n) in [
-            (Stage::Loader, shared.cfg.loaders),
-            (Stage::Augmenter, shared.cfg.augmenters),
-            (Stage::Batcher, shared.cfg.batchers),
+            (Stage::Loader, path.shared.cfg.loaders),
+            (Stage::Augmenter, path.shared.cfg.augmenters),
+            (Stage::Batcher, path.shared.cfg.batchers),
         ] {
-            for id in 0..n {
-                stages::spawn(shared.clone(), stage, id, 0);
-            }
+            path.grow(stage, n);
         }
-        Ok(DataPath { shared, stop_tx: Some(stop_tx), consumers })
+        Ok(path)
+    }
+
+    /// A handle that changes worker counts while the path runs (see [`Control::set_workers`]).
+    pub fn control(&self) -> Control {
+        Control { shared: self.shared.clone() }
+    }
+
+    fn grow(&self, stage: Stage, n: usize) {
+        self.control().grow(stage, n);
+    }
+
+    /// Live workers of each stage: loaders, augmenters, batchers.
+    pub fn workers(&self) -> [usize; 3] {
+        self.control().workers()
+    }
+
+    /// See [`Control::set_workers`].
+    pub fn set_workers(&self, stage: Stage, n: usize) -> Result<(), String> {
+        self.control().set_workers(stage, n)
     }
 
     /// The receiving end for consumer `i` (each consumer sees every batch).
@@ -398,6 +433,73 @@ impl DataPath {
             }
         }
         self.shared.telemetry.summary()
+    }
+}
+
+/// Changes a running path's worker counts; usable from another thread (the autotuner).
+#[derive(Clone)]
+pub struct Control {
+    shared: Arc<Shared>,
+}
+
+impl Control {
+    /// Starts workers of `stage` until it has `n`.
+    fn grow(&self, stage: Stage, n: usize) {
+        let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        while live[stage.index()].len() < n {
+            let id = self.shared.next_id[stage.index()].fetch_add(1, Ordering::Relaxed) as usize;
+            let retire = Arc::new(AtomicBool::new(false));
+            live[stage.index()].insert(id, retire.clone());
+            stages::spawn(self.shared.clone(), stage, id, 0, retire);
+        }
+    }
+
+    /// Live workers of each stage: loaders, augmenters, batchers.
+    pub fn workers(&self) -> [usize; 3] {
+        let live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        [live[0].len(), live[1].len(), live[2].len()]
+    }
+
+    /// Changes the number of loader or augmenter workers while the path runs. New
+    /// workers start at once; removed ones (the newest) finish and hand on the item
+    /// they hold, then leave, so no sample is lost. Batches are numbered and fanned out
+    /// by the batchers whatever the other stages do: every consumer still sees the same
+    /// contiguous sequence.
+    pub fn set_workers(&self, stage: Stage, n: usize) -> Result<(), String> {
+        if stage == Stage::Batcher {
+            return Err("the number of batchers is fixed while the path runs".into());
+        }
+        if n == 0 {
+            return Err(format!("a running data path needs at least one {}", stage.name()));
+        }
+        if self.shared.stopping() {
+            return Err("the data path has stopped".into());
+        }
+        {
+            let mut live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+            while live[stage.index()].len() > n {
+                if let Some((_, retire)) = live[stage.index()].pop_last() {
+                    retire.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.grow(stage, n);
+        self.shared.telemetry.stage(stage.name()).workers.store(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The path's live counters.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.shared.telemetry
+    }
+
+    /// Capacity of each consumer's batch queue.
+    pub fn batch_queue_capacity(&self) -> usize {
+        self.shared.cfg.batch_queue.max(1)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.shared.stopping()
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,14 +27,14 @@ fn seed_for(seed: u64, stage: u64, id: usize, generation: u32) -> u64 {
 }
 
 /// Starts worker `id` of `stage` (its `generation`-th incarnation).
-pub(crate) fn spawn(shared: Arc<Shared>, stage: Stage, id: usize, generation: u32) {
+pub(crate) fn spawn(shared: Arc<Shared>, stage: Stage, id: usize, generation: u32, retire: Arc<AtomicBool>) {
     let sh = shared.clone();
     let handle = std::thread::Builder::new()
         .name(format!("{}-{id}", stage.name()))
         .spawn(move || {
             let r = catch_unwind(AssertUnwindSafe(|| match stage {
-                Stage::Loader => loader(&sh, id, generation),
-                Stage::Augmenter => augmenter(&sh, id),
+                Stage::Loader => loader(&sh, id, generation, &retire),
+                Stage::Augmenter => augmenter(&sh, id, &retire),
                 Stage::Batcher => batcher(&sh),
             }));
             if let Err(p) = r {
@@ -78,7 +78,7 @@ const SHARD_ERROR_LIMIT: u32 = 3;
 /// Failed reads in a row after which the data path gives up instead of spinning.
 const CONSECUTIVE_FAILURE_LIMIT: u32 = 200;
 
-fn loader(sh: &Shared, id: usize, generation: u32) {
+fn loader(sh: &Shared, id: usize, generation: u32, retire: &AtomicBool) {
     let cfg = &sh.cfg;
     let stats = sh.telemetry.stage("loader");
     let mut rng = Pcg64Mcg::seed_from_u64(seed_for(cfg.seed, 1, id, generation));
@@ -88,7 +88,8 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
     let mut scratch = cps3d_storage::Scratch::new();
     let per_batch = (cfg.labeled_batch + cfg.unlabeled_batch) as u64;
     let (mut k, mut handled, mut consecutive_failures) = (0u64, 0u64, 0u32);
-    while !sh.stopping() {
+    // A retired loader leaves here, between items: what it read has been sent on.
+    while !sh.stopping() && !retire.load(Ordering::Relaxed) {
         let t = Instant::now();
         // Labeled and unlabeled in the batch's proportion, in a fixed order; the slot
         // decides nnU-Net's foreground oversampling.
@@ -190,13 +191,14 @@ fn loader(sh: &Shared, id: usize, generation: u32) {
     }
 }
 
-fn augmenter(sh: &Shared, _id: usize) {
+fn augmenter(sh: &Shared, _id: usize, retire: &AtomicBool) {
     let cfg = &sh.cfg;
     let stats = sh.telemetry.stage("augmenter");
     let mut aug =
         Augmenter::new(cfg.augmentation, cfg.patch, cfg.channels, &cfg.ds_scales).expect("validated at start");
     let mut handled = 0u64;
-    loop {
+    // A retired augmenter leaves here, between items: what it augmented has been sent on.
+    while !retire.load(Ordering::Relaxed) {
         let t = Instant::now();
         let raw: RawSample = select! {
             recv(sh.raw.1) -> r => match r { Ok(r) => r, Err(_) => return },

@@ -83,8 +83,9 @@ impl Handler<WorkerDown> for Coordinator {
         );
         ctx.run_later(delay, move |this, _| {
             if let Some(sh) = this.shared.upgrade() {
-                if !sh.stopping() {
-                    stages::spawn(sh.clone(), msg.stage, msg.id, msg.generation + 1);
+                // Not a worker retired since it crashed.
+                if let (false, Some(retire)) = (sh.stopping(), sh.retire_flag(msg.stage, msg.id)) {
+                    stages::spawn(sh.clone(), msg.stage, msg.id, msg.generation + 1, retire);
                 }
             }
         });

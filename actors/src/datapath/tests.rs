@@ -287,3 +287,102 @@ fn bad_configurations_are_rejected() {
     let e = DataPath::start(cfg).err().unwrap();
     assert!(e.contains("no unlabeled shards"), "{e}");
 }
+
+#[test]
+fn workers_added_and_removed_while_running_lose_no_batch_and_consumers_stay_in_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 3, 4);
+    let dp = DataPath::start(config(l, u)).unwrap();
+    assert_eq!(dp.workers(), [1, 1, 1]);
+    let mut next_index = 0;
+    let mut take = |n: usize| {
+        for _ in 0..n {
+            let a = dp.next(0, Duration::from_secs(30)).expect("batch for consumer 0");
+            let b = dp.next(1, Duration::from_secs(30)).expect("batch for consumer 1");
+            assert!(Arc::ptr_eq(&a, &b), "both consumers get the same batch");
+            assert_eq!(a.index, next_index, "batches arrive numbered without a gap");
+            assert_eq!((a.labeled, a.unlabeled), (2, 2));
+            next_index += 1;
+        }
+    };
+    take(3);
+    for (loaders, augmenters) in [(3, 1), (3, 2), (1, 2), (1, 1), (2, 3)] {
+        dp.set_workers(Stage::Loader, loaders).unwrap();
+        dp.set_workers(Stage::Augmenter, augmenters).unwrap();
+        assert_eq!(dp.workers(), [loaders, augmenters, 1]);
+        take(4);
+        let t = dp.telemetry();
+        assert_eq!((t.stages[0].workers, t.stages[1].workers), (loaders, augmenters));
+    }
+    assert!(dp.set_workers(Stage::Batcher, 2).unwrap_err().contains("batchers"));
+    assert!(dp.set_workers(Stage::Loader, 0).unwrap_err().contains("at least one loader"));
+    // Retired workers have left: only the live ones (2 + 3 + 1) and the coordinator remain.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let running = || dp.shared.handles.lock().unwrap().iter().filter(|h| !h.is_finished()).count();
+    while running() > 6 && Instant::now() < deadline {
+        take(1);
+    }
+    assert_eq!(running(), 6, "retired workers' threads ended");
+}
+
+#[test]
+fn the_autotuner_fills_a_starved_path_up_to_its_budget_and_keeps_batches_in_step() {
+    use super::autotune::{AutotuneConfig, Autotuner};
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 3, 4);
+    let dp = DataPath::start(config(l, u)).unwrap();
+    // Consumers that take every batch at once: always starved, so the tuner grows the path.
+    let cfg = AutotuneConfig { cores: 3, interval: Duration::from_millis(150) };
+    let tuner = Autotuner::start(dp.control(), cfg, |_| {});
+    let mut next_index = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tuner.decisions().len() < 2 && Instant::now() < deadline {
+        let a = dp.next(0, Duration::from_secs(30)).unwrap();
+        let b = dp.next(1, Duration::from_secs(30)).unwrap();
+        assert!(Arc::ptr_eq(&a, &b) && a.index == next_index, "batch {} after {next_index}", a.index);
+        next_index += 1;
+    }
+    let decisions = tuner.stop();
+    assert!(decisions.len() >= 2, "{decisions:?}");
+    for d in &decisions {
+        assert!(d.to.iter().all(|&n| n >= 1) && d.to[0] + d.to[1] <= 4, "within the budget: {d:?}");
+        // Grown because starved, or a change undone because it measured slower.
+        assert!(d.batches_per_s > 0.0, "{d:?}");
+        assert!((d.batch_queue < 0.5 && d.reason.contains("starved")) || d.reason.starts_with("undo"), "{d:?}");
+    }
+    let first = &decisions[0];
+    assert_eq!(first.from, [1, 1]);
+    assert_eq!(first.to[0] + first.to[1], 3, "a starved path under its budget grows: {first:?}");
+    let w = dp.workers();
+    assert_eq!([w[0], w[1]], decisions.last().unwrap().to, "the path runs what the tuner decided last");
+}
+
+#[test]
+fn the_autotuner_removes_workers_the_consumers_do_not_need() {
+    use super::autotune::{AutotuneConfig, Autotuner};
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 3, 4);
+    let mut cfg = config(l, u);
+    cfg.loaders = 2;
+    cfg.augmenters = 1;
+    let dp = DataPath::start(cfg).unwrap();
+    // Nobody takes batches: once the batch queues are full, a loader is one too many.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dp.telemetry().stages[2].items < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tuner =
+        Autotuner::start(dp.control(), AutotuneConfig { cores: 2, interval: Duration::from_millis(150) }, |_| {});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tuner.decisions().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let decisions = tuner.stop();
+    let first = decisions.first().expect("a decision");
+    assert_eq!((first.from, first.to), ([2, 1], [1, 1]), "{first:?}");
+    assert!(first.reason.contains("full"), "{first:?}");
+    // The batches still come, in order, from where they stood.
+    for i in 0..3 {
+        assert_eq!(dp.next(0, Duration::from_secs(30)).unwrap().index, i);
+    }
+}
