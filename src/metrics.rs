@@ -170,6 +170,25 @@ impl DataPathCollector {
     }
 }
 
+/// One metric family of constant values, one per label set (an empty set: no labels).
+fn family<N: Copy, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    (name, help, unit): (&str, &str, Option<&Unit>),
+    values: &[(Labels, N)],
+    make: impl Fn(N) -> M,
+) -> Result<(), std::fmt::Error> {
+    let Some((_, first)) = values.first() else { return Ok(()) };
+    let mut family = encoder.encode_descriptor(name, help, unit, make(*first).metric_type())?;
+    for (labels, v) in values {
+        if labels.is_empty() {
+            make(*v).encode(family)?;
+            break;
+        }
+        make(*v).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 fn counter<N: prometheus_client::encoding::EncodeCounterValue + Copy>(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -177,16 +196,7 @@ fn counter<N: prometheus_client::encoding::EncodeCounterValue + Copy>(
     unit: Option<&Unit>,
     values: &[(Labels, N)],
 ) -> Result<(), std::fmt::Error> {
-    let probe = ConstCounter::new(0u64);
-    let mut family = encoder.encode_descriptor(name, help, unit, probe.metric_type())?;
-    for (labels, v) in values {
-        if labels.is_empty() {
-            ConstCounter::new(*v).encode(family)?;
-            break;
-        }
-        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(encoder, (name, help, unit), values, ConstCounter::new)
 }
 
 fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Copy>(
@@ -196,16 +206,7 @@ fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     unit: Option<&Unit>,
     values: &[(Labels, N)],
 ) -> Result<(), std::fmt::Error> {
-    let probe = ConstGauge::new(0i64);
-    let mut family = encoder.encode_descriptor(name, help, unit, probe.metric_type())?;
-    for (labels, v) in values {
-        if labels.is_empty() {
-            ConstGauge::new(*v).encode(family)?;
-            break;
-        }
-        ConstGauge::new(*v).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(encoder, (name, help, unit), values, ConstGauge::new)
 }
 
 impl Collector for DataPathCollector {
