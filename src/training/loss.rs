@@ -145,6 +145,19 @@ mod tests {
     }
 
     #[test]
+    fn without_ignored_voxels_the_unmasked_loss_is_the_masked_one() {
+        // The trainer drops the mask when no voxel carries the ignore label.
+        tch::manual_seed(3);
+        let logits = Tensor::randn([2, 5, 3, 4, 6], (Kind::Float, Device::Cpu));
+        let target = Tensor::randint(5, [2, 3, 4, 6], (Kind::Int64, Device::Cpu));
+        let masked = DiceCe::default();
+        let unmasked = DiceCe { ignore_index: None, ..masked };
+        let (a, b) =
+            (masked.loss(&logits, &target).double_value(&[]), unmasked.loss(&logits, &target).double_value(&[]));
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+
+    #[test]
     fn batch_dice_pools_samples_and_the_smooth_term_handles_empty_classes() {
         // Sample 0 has foreground, sample 1 none: per-sample Dice of sample 1 is
         // smooth/smooth = 1 only with the smoothing term.

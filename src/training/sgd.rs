@@ -56,8 +56,13 @@ impl Sgd {
 pub fn clip_grad_norm(vs: &nn::VarStore, max_norm: f64) -> f64 {
     tch::no_grad(|| {
         let grads: Vec<Tensor> = vs.trainable_variables().iter().map(|v| v.grad()).filter(|g| g.defined()).collect();
-        let total: f64 =
-            grads.iter().map(|g| g.pow_tensor_scalar(2).sum(Kind::Float).double_value(&[])).sum::<f64>().sqrt();
+        if grads.is_empty() {
+            return 0.0;
+        }
+        // One host sync for the whole network (on CUDA each `double_value` waits for the
+        // device): the squared norms are summed on the device first.
+        let squares: Vec<Tensor> = grads.iter().map(|g| g.pow_tensor_scalar(2).sum(Kind::Float)).collect();
+        let total = Tensor::stack(&squares, 0).to_kind(Kind::Double).sum(Kind::Double).sqrt().double_value(&[]);
         if total > max_norm {
             let scale = max_norm / (total + 1e-6);
             for g in &grads {
@@ -102,6 +107,58 @@ mod tests {
         assert_eq!(sgd.buffers.len(), 1);
     }
 
+    /// The per-parameter clipping this module used before (one host sync per tensor).
+    fn clip_per_parameter(vs: &nn::VarStore, max_norm: f64) -> f64 {
+        tch::no_grad(|| {
+            let grads: Vec<Tensor> =
+                vs.trainable_variables().iter().map(|v| v.grad()).filter(|g| g.defined()).collect();
+            let total: f64 =
+                grads.iter().map(|g| g.pow_tensor_scalar(2).sum(Kind::Float).double_value(&[])).sum::<f64>().sqrt();
+            if total > max_norm {
+                for g in &grads {
+                    let _ = g.shallow_clone().g_mul_scalar_(max_norm / (total + 1e-6));
+                }
+            }
+            total
+        })
+    }
+
+    #[test]
+    fn twenty_steps_with_one_sync_per_step_equal_the_per_parameter_steps() {
+        use crate::planning::topology::{features_per_stage, pool_and_conv_props, NetworkSpec};
+        let t = pool_and_conv_props(&[2.0, 1.0, 1.0], &[8, 16, 16], 4, 999_999);
+        let spec = NetworkSpec::plain(3, 1, 4, features_per_stage(t.strides.len(), 8, 32), t.kernels, t.strides);
+        let run = |one_sync: bool| {
+            tch::manual_seed(21);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = crate::training::network::UNet::new(&vs.root(), &spec);
+            let mut sgd = Sgd::new(0.9, true, 3e-5);
+            let mut norms = Vec::new();
+            for step in 0..20 {
+                tch::manual_seed(100 + step);
+                let x = Tensor::randn([2, 1, 8, 16, 16], (Kind::Float, Device::Cpu));
+                zero_grad(&vs);
+                // Large enough to be clipped at norm 12 in the first steps.
+                (net.forward(&x)[0].pow_tensor_scalar(2).mean(Kind::Float) * 500.0).backward();
+                norms.push(if one_sync { clip_grad_norm(&vs, 12.0) } else { clip_per_parameter(&vs, 12.0) });
+                sgd.step(&vs, 0.05);
+            }
+            let mut weights: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            weights.sort_by(|a, b| a.0.cmp(&b.0));
+            (norms, weights)
+        };
+        let (na, wa) = run(true);
+        let (nb, wb) = run(false);
+        assert!(na.iter().any(|&n| n > 12.0), "clipping was exercised: {na:?}");
+        for (a, b) in na.iter().zip(&nb) {
+            assert!((a - b).abs() <= 1e-6 * b.max(1.0), "norm {a} vs {b}");
+        }
+        for ((ka, a), (_, b)) in wa.iter().zip(&wb) {
+            let d = (a - b).abs().max().double_value(&[]);
+            assert!(d <= 1e-6, "{ka}: {d}");
+        }
+    }
+
     #[test]
     fn clipping_bounds_the_global_norm() {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -144,15 +201,16 @@ impl LossScaler {
     /// not finite, in which case the caller skips the optimizer step.
     pub fn unscale(&mut self, vs: &nn::VarStore) -> bool {
         let finite = tch::no_grad(|| {
-            let mut ok = true;
+            let mut checks = Vec::new();
             for v in vs.trainable_variables() {
                 let mut g = v.grad();
                 if g.defined() {
                     let _ = g.g_mul_scalar_(1.0 / self.scale);
-                    ok &= g.isfinite().all().int64_value(&[]) == 1;
+                    checks.push(g.isfinite().all());
                 }
             }
-            ok
+            // One host sync, not one per parameter.
+            checks.is_empty() || Tensor::stack(&checks, 0).all().int64_value(&[]) == 1
         });
         if finite {
             self.clean_steps += 1;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::loss::{deep_supervised, pseudo_labels, DiceCe};
+use super::loss::{deep_supervised, pseudo_labels, DiceCe, IGNORE_INDEX};
 use super::network::UNet;
 use super::sgd::{clip_grad_norm, zero_grad, LossScaler, Sgd};
 use crate::planning::topology::NetworkSpec;
@@ -330,8 +330,10 @@ struct TrainerState {
     scaler: LossScaler,
 }
 
+/// Labels cross to the device as u8 (an eighth of int64's bytes) and widen there, to
+/// the int64 that cross-entropy and the one-hot scatter index with.
 fn tensor_u8(data: &[u8], shape: &[i64], device: Device) -> Tensor {
-    Tensor::from_slice(data).reshape(shape).to_kind(Kind::Int64).to_device(device)
+    Tensor::from_slice(data).reshape(shape).to_device(device).to_kind(Kind::Int64)
 }
 
 impl TrainerState {
@@ -468,7 +470,12 @@ impl TrainerState {
             lap(&mut phases.forward);
             let labeled_out: Vec<Tensor> = outputs.iter().map(|o| o.narrow(0, 0, bl)).collect();
             let sup = if bl > 0 {
-                deep_supervised(&loss, &labeled_out, &targets)
+                // Without ignored voxels (the usual batch; checked on the host, no device
+                // sync) the loss needs no mask: two probability-sized tensors fewer per scale.
+                let ignored = batch.labels.contains(&(IGNORE_INDEX as u8))
+                    || batch.ds_labels.iter().any(|l| l.contains(&(IGNORE_INDEX as u8)));
+                let sup_loss = if ignored { loss } else { DiceCe { ignore_index: None, ..loss } };
+                deep_supervised(&sup_loss, &labeled_out, &targets)
             } else {
                 Tensor::zeros([], (Kind::Float, dev))
             };
@@ -476,10 +483,13 @@ impl TrainerState {
             let mut cps_part = None;
             if self.setup.exchange.is_some() {
                 lap(&mut phases.loss);
-                let theirs = self.exchange(batch.index, pseudo_labels(&outputs), at)?;
-                let theirs: Vec<Tensor> = theirs.iter().map(|t| t.to_device(dev)).collect();
+                // Pseudo-labels travel as u8 (class ids < 256: FLARE has 14), widened on arrival.
+                let mine = pseudo_labels(&outputs).iter().map(|t| t.to_kind(Kind::Uint8)).collect();
+                let theirs = self.exchange(batch.index, mine, at)?;
+                let theirs: Vec<Tensor> = theirs.iter().map(|t| t.to_device(dev).to_kind(Kind::Int64)).collect();
                 lap(&mut phases.exchange);
-                let cps = deep_supervised(&loss, &outputs, &theirs);
+                // Argmax labels are classes, never the ignore label: no mask.
+                let cps = deep_supervised(&DiceCe { ignore_index: None, ..loss }, &outputs, &theirs);
                 cps_value = cps.double_value(&[]);
                 cps_part = Some(cps);
             }
