@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# GPU check for the CPS trainers: builds cps3d against the CUDA libtorch, makes a
-# small synthetic dataset, plans the paper's 3D network (patch 112×160×128, 14
-# classes, 30,795,654 parameters), and runs N CPS steps with both trainers on the
-# GPU(s), printing step time, data-wait share and peak GPU memory.
+# GPU check for the CPS trainers and inference: builds cps3d against the CUDA libtorch,
+# makes a small synthetic dataset, plans the paper's 3D network (patch 112×160×128, 14
+# classes, 30,795,654 parameters), runs STEPS CPS steps (5 epochs) with both siblings on the
+# GPU(s) under fp16 autocast, printing step time, data-wait share, the loss per epoch and
+# peak GPU memory; then predicts one 512×512×100 scan with forced spacing (FLARE22 ranks
+# time and GPU memory), printing seconds and peak GPU memory. Fits in ~8 minutes.
 #
-#   scripts/gpu-check.sh [STEPS]        (default 20)
+#   scripts/gpu-check.sh [STEPS]        (default 50)
 #
 # Needs an NVIDIA GPU and nvidia-smi. Work files go to ${WORK:-/tmp/cps3d-gpu-check}.
 set -euo pipefail
-STEPS="${1:-20}"
+STEPS="${1:-50}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${WORK:-/tmp/cps3d-gpu-check}"
 cd "$repo"
@@ -29,17 +31,32 @@ smi=$!
 trap 'kill $smi 2>/dev/null || true' EXIT
 devices="cuda:0,cuda:0"
 [[ "$(nvidia-smi -L | wc -l)" -ge 2 ]] && devices="cuda:0,cuda:1"
-"$bin" train shards -o run --epochs 1 --iterations "$STEPS" --devices "$devices" --loaders 4 --augmenters 4 --fold all --val-iterations 5 --no-final-validation
+"$bin" train shards -o run --epochs 5 --iterations "$(( (STEPS + 4) / 5 ))" --devices "$devices" --loaders 4 --augmenters 4 --fold all --val-iterations 5 --no-final-validation
 kill $smi 2>/dev/null || true
-python3 - <<'PY'
-import json
-log = [json.loads(l) for l in open("run/log.jsonl")]
-e = log[-1]
-print(f"CPS steps: {e['epoch'] + 1} epoch(s); step time {e['step_seconds']:.3f} s; data wait {100 * e['data_wait']:.1f}%; loss {e['loss']}")
+peak_mib() {
+python3 - "$1" <<'PY'
+import sys
 peak = {}
-for line in open("gpu-mem.csv"):
+for line in open(sys.argv[1]):
     parts = [p.strip() for p in line.split(",")]
     if len(parts) == 2 and parts[1].isdigit():
         peak[parts[0]] = max(peak.get(parts[0], 0), int(parts[1]))
-print("peak GPU memory (MiB, nvidia-smi, whole device):", peak)
+print(peak)
 PY
+}
+python3 - <<'PY'
+import json
+log = [json.loads(l) for l in open("run/log.jsonl")]
+for e in log:
+    print(f"epoch {e['epoch']}: step {e['step_seconds']:.3f} s, data wait {100 * e['data_wait']:.1f}%, loss {[round(v, 3) for v in e['loss']]}, phases {e.get('phases')}")
+PY
+echo "training: peak GPU memory (MiB, nvidia-smi, whole device; both siblings share cuda:0 on one GPU): $(peak_mib gpu-mem.csv)"
+# One 512×512×100 CT-like scan at 0.8×0.8×2.5 mm, predicted with the paper's forced spacing.
+"$bin" synth scan --labeled 1 --unlabeled 0 --shape 100,512,512 --spacing-xy 0.8,0.8 --spacing-z 2.5,2.5 -q
+nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 100 > gpu-mem-predict.csv &
+smi=$!
+start=$(date +%s.%N)
+"$bin" predict -i scan/imagesTr -o pred -m run --checkpoint final --forced-spacing paper --device cuda:0 -q
+end=$(date +%s.%N)
+kill $smi 2>/dev/null || true
+echo "predict 512×512×100, forced spacing paper: $(python3 -c "print(round($end - $start, 1))") s (process wall time), peak GPU memory (MiB): $(peak_mib gpu-mem-predict.csv)"
