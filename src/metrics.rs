@@ -68,6 +68,27 @@ impl TrainerMetrics {
     }
 }
 
+impl TrainerMetrics {
+    /// The schedule of the epoch about to be trained.
+    pub fn record_epoch_start(&self, epoch: usize, lr: f64, lambda: f64) {
+        self.epoch.set(epoch as i64);
+        self.learning_rate.set(lr);
+        self.lambda.set(lambda);
+    }
+
+    /// A finished epoch's losses and pseudo-Dice, per sibling.
+    pub fn record_epoch(&self, log: &crate::training::checkpoint::EpochLog) {
+        for (i, ((total, sup), cps)) in log.loss.iter().zip(&log.sup_loss).zip(&log.cps_loss).enumerate() {
+            for (term, v) in [("total", total), ("supervised", sup), ("cps", cps)] {
+                self.loss.get_or_create(&vec![("sibling", i.to_string()), ("term", term.to_string())]).set(*v);
+            }
+        }
+        for (i, d) in log.pseudo_dice.iter().enumerate() {
+            self.pseudo_dice.get_or_create(&sibling_labels(i)).set(crate::training::run::mean_finite(d));
+        }
+    }
+}
+
 pub fn sibling_labels(sibling: usize) -> Labels {
     vec![("sibling", sibling.to_string())]
 }
@@ -171,9 +192,12 @@ impl DataPathCollector {
 }
 
 /// One metric family of constant values, one per label set (an empty set: no labels).
+/// `make` is `ConstCounter::new` or `ConstGauge::new`.
 fn family<N: Copy, M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
-    (name, help, unit): (&str, &str, Option<&Unit>),
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
     values: &[(Labels, N)],
     make: impl Fn(N) -> M,
 ) -> Result<(), std::fmt::Error> {
@@ -187,26 +211,6 @@ fn family<N: Copy, M: EncodeMetric>(
         make(*v).encode(family.encode_family(labels)?)?;
     }
     Ok(())
-}
-
-fn counter<N: prometheus_client::encoding::EncodeCounterValue + Copy>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    values: &[(Labels, N)],
-) -> Result<(), std::fmt::Error> {
-    family(encoder, (name, help, unit), values, ConstCounter::new)
-}
-
-fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Copy>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    values: &[(Labels, N)],
-) -> Result<(), std::fmt::Error> {
-    family(encoder, (name, help, unit), values, ConstGauge::new)
 }
 
 impl Collector for DataPathCollector {
@@ -224,19 +228,21 @@ impl Collector for DataPathCollector {
         let seconds = |f: &dyn Fn(&cps3d_actors::telemetry::StageStats) -> u64| -> Vec<(Labels, f64)> {
             names.iter().map(|n| (stage(n), sum(n, f) as f64 / 1e9)).collect()
         };
-        counter(
+        family(
             &mut encoder,
             "datapath_items",
             "Items a stage finished (loader: samples read, augmenter: samples, batcher: batches)",
             None,
             &per_stage(&|s| s.items.load(Ordering::Relaxed)),
+            ConstCounter::new,
         )?;
-        counter(
+        family(
             &mut encoder,
             "datapath_busy",
             "Time a stage's workers spent working, summed over workers",
             Some(&Unit::Seconds),
             &seconds(&|s| s.busy_ns.load(Ordering::Relaxed)),
+            ConstCounter::new,
         )?;
         let mut blocked = Vec::new();
         for n in &names {
@@ -247,35 +253,59 @@ impl Collector for DataPathCollector {
                 blocked.push((vec![("stage", n.to_string()), ("direction", direction.to_string())], v as f64 / 1e9));
             }
         }
-        counter(
+        family(
             &mut encoder,
             "datapath_blocked",
             "Time a stage's workers waited to send downstream or to receive from upstream",
             Some(&Unit::Seconds),
             &blocked,
+            ConstCounter::new,
         )?;
-        counter(
+        family(
             &mut encoder,
             "datapath_errors",
             "Items a stage failed on (an unreadable shard, a failed augmentation)",
             None,
             &per_stage(&|s| s.errors.load(Ordering::Relaxed)),
+            ConstCounter::new,
         )?;
-        counter(
+        family(
             &mut encoder,
             "datapath_restarts",
             "Workers restarted after a panic",
             None,
             &per_stage(&|s| s.restarts.load(Ordering::Relaxed)),
+            ConstCounter::new,
         )?;
         let workers: Vec<(Labels, i64)> =
             latest.stages.iter().map(|s| (stage(s.name), s.workers.load(Ordering::Relaxed) as i64)).collect();
-        gauge(&mut encoder, "datapath_workers", "Workers of each stage in the current data path", None, &workers)?;
+        family(
+            &mut encoder,
+            "datapath_workers",
+            "Workers of each stage in the current data path",
+            None,
+            &workers,
+            ConstGauge::new,
+        )?;
         let queue = |q: &cps3d_actors::telemetry::QueueStats| -> Labels { vec![("queue", q.name.to_string())] };
         let depth: Vec<(Labels, i64)> = latest.queues.iter().map(|q| (queue(q), q.depth() as i64)).collect();
-        gauge(&mut encoder, "datapath_queue_depth", "Items waiting in a bounded queue (sampled)", None, &depth)?;
+        family(
+            &mut encoder,
+            "datapath_queue_depth",
+            "Items waiting in a bounded queue (sampled)",
+            None,
+            &depth,
+            ConstGauge::new,
+        )?;
         let capacity: Vec<(Labels, i64)> = latest.queues.iter().map(|q| (queue(q), q.capacity as i64)).collect();
-        gauge(&mut encoder, "datapath_queue_capacity", "Capacity of a bounded queue", None, &capacity)?;
+        family(
+            &mut encoder,
+            "datapath_queue_capacity",
+            "Capacity of a bounded queue",
+            None,
+            &capacity,
+            ConstGauge::new,
+        )?;
         Ok(())
     }
 }
@@ -288,38 +318,49 @@ impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let none: Labels = Vec::new();
         if let Some(rss) = rss_bytes() {
-            gauge(
+            family(
                 &mut encoder,
                 "process_resident_memory",
                 "Resident set size",
                 Some(&Unit::Bytes),
                 &[(none.clone(), rss as i64)],
+                ConstGauge::new,
             )?;
         }
         if let Some(peak) = peak_rss_bytes() {
-            gauge(
+            family(
                 &mut encoder,
                 "process_peak_resident_memory",
                 "Largest resident set size so far",
                 Some(&Unit::Bytes),
                 &[(none.clone(), peak as i64)],
+                ConstGauge::new,
             )?;
         }
         let io = cps3d_storage::io_stats();
-        gauge(&mut encoder, "shards_open", "Shards memory-mapped now", None, &[(none.clone(), io.open_shards)])?;
-        counter(
+        family(
+            &mut encoder,
+            "shards_open",
+            "Shards memory-mapped now",
+            None,
+            &[(none.clone(), io.open_shards)],
+            ConstGauge::new,
+        )?;
+        family(
             &mut encoder,
             "shard_read",
             "Compressed brick bytes read from shards",
             Some(&Unit::Bytes),
             &[(none.clone(), io.bytes_read)],
+            ConstCounter::new,
         )?;
-        counter(
+        family(
             &mut encoder,
             "shard_decompressed",
             "Bytes those bricks decompressed to",
             Some(&Unit::Bytes),
             &[(none, io.bytes_decompressed)],
+            ConstCounter::new,
         )?;
         Ok(())
     }

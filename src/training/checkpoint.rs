@@ -140,7 +140,8 @@ pub fn read_log(path: &Path) -> Vec<EpochLog> {
         .unwrap_or_default()
 }
 
-pub fn append_log(path: &Path, log: &EpochLog) -> Result<()> {
+/// Appends one JSON line (an epoch's log line, an autotune decision) and syncs it.
+pub fn append_log<T: serde::Serialize + ?Sized>(path: &Path, log: &T) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
     let line = serde_json::to_string(log).map_err(|e| Error::json(path, e))?;

@@ -24,7 +24,7 @@ use super::trainer::{injected, Cancel, Command, Reply, StepPhases, TrainerSetup}
 use crate::error::{Error, Result};
 use crate::planning::plan::{LambdaSchedule, Plans};
 use crate::util::FolderLock;
-use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner, Decision};
+use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner};
 use cps3d_actors::datapath::DataPath;
 
 pub use super::checkpoint::read_log;
@@ -71,7 +71,7 @@ fn dice_per_class(counts: &[[u64; 3]]) -> Vec<f64> {
         .collect()
 }
 
-fn mean_finite(v: &[f64]) -> f64 {
+pub(crate) fn mean_finite(v: &[f64]) -> f64 {
     let f: Vec<f64> = v.iter().cloned().filter(|x| x.is_finite()).collect();
     if f.is_empty() {
         0.0
@@ -227,27 +227,6 @@ pub fn train(
     Ok(logs)
 }
 
-/// Appends an epoch's autotune decisions to `RUN/autotune.jsonl`, one JSON object each.
-fn append_autotune_log(run: &Path, epoch: usize, decisions: &[Decision]) -> Result<()> {
-    if decisions.is_empty() {
-        return Ok(());
-    }
-    let path = run.join("autotune.jsonl");
-    let mut text = String::new();
-    for d in decisions {
-        let line = serde_json::json!({ "epoch": epoch, "decision": d });
-        text.push_str(&line.to_string());
-        text.push('\n');
-    }
-    use std::io::Write;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|e| Error::io(&path, e))
-}
-
 fn data_knobs(opts: &TrainOptions, patch: [usize; 3], consumers: usize) -> DataKnobs {
     DataKnobs {
         loaders: opts.loaders,
@@ -307,9 +286,7 @@ fn epochs(
             })
         });
         if let Some(m) = crate::metrics::global() {
-            m.trainer.epoch.set(epoch as i64);
-            m.trainer.lambda.set(lambda);
-            m.trainer.learning_rate.set(lr);
+            m.trainer.record_epoch_start(epoch, lr, lambda);
         }
         let steps = plans.cps.iterations_per_epoch;
         let trained =
@@ -319,7 +296,12 @@ fn epochs(
             // The next epoch's data path starts where this one's tuning ended.
             let w = dp.workers();
             (knobs.loaders, knobs.augmenters) = (w[0], w[1]);
-            append_autotune_log(run, epoch, &decisions)?;
+            for d in &decisions {
+                checkpoint::append_log(
+                    &run.join("autotune.jsonl"),
+                    &serde_json::json!({ "epoch": epoch, "decision": d }),
+                )?;
+            }
         }
         dp.stop();
         let stats: Vec<_> = trained
@@ -352,15 +334,7 @@ fn epochs(
             phases: StepPhases::mean(stats.iter().map(|s| &s.phases)),
         };
         if let Some(m) = crate::metrics::global() {
-            for (i, s) in stats.iter().enumerate() {
-                let term = |t: &str| vec![("sibling", i.to_string()), ("term", t.to_string())];
-                m.trainer.loss.get_or_create(&term("total")).set(s.loss);
-                m.trainer.loss.get_or_create(&term("supervised")).set(s.sup_loss);
-                m.trainer.loss.get_or_create(&term("cps")).set(s.cps_loss);
-            }
-            for (i, d) in log.pseudo_dice.iter().enumerate() {
-                m.trainer.pseudo_dice.get_or_create(&crate::metrics::sibling_labels(i)).set(mean_finite(d));
-            }
+            m.trainer.record_epoch(&log);
         }
         state.epoch = epoch;
         state.log = Some(log.clone());
