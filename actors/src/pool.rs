@@ -2,8 +2,9 @@
 //! (synthesis, checking, fingerprinting, preprocessing).
 //!
 //! Items flow through crossbeam bounded channels of capacity `workers`, so at most
-//! `2 × workers + 1` items exist at once whatever the length of the input: memory
-//! stays flat over 20 or 2000 scans. A worker that panics on one item reports the
+//! `3 × workers + 2` items exist at once whatever the length of the input (queued
+//! jobs, items in workers' hands, queued results, one held by the feeder and one
+//! being handed to the caller): memory stays flat over 20 or 2000 scans. A worker that panics on one item reports the
 //! panic for that item and goes on with the next.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -135,7 +136,10 @@ mod tests {
                 in_flight.fetch_sub(1, Ordering::SeqCst);
             },
         );
-        // 2 queued jobs + 2 being worked + 2 queued results + 1 held by the feeder.
-        assert!(peak.load(Ordering::SeqCst) <= 7, "peak {}", peak.load(Ordering::SeqCst));
+        // 2 queued jobs + 2 in workers' hands (working, or blocked handing the result
+        // on) + 2 queued results + 1 held by the feeder + 1 being passed to `on_result`
+        // (taken off the result queue, not yet counted back). CI once saw all 8.
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(peak <= 3 * 2 + 2, "peak {peak}");
     }
 }
