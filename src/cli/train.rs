@@ -83,6 +83,11 @@ pub struct TrainArgs {
     /// losses): about twice as fast on CPUs with AVX512-BF16, slower on others.
     #[arg(long)]
     cpu_bf16: bool,
+    /// Encoder stages, from full resolution, whose activations the backward pass
+    /// recomputes instead of keeping them (0 keeps everything: a few per cent faster,
+    /// more memory). The outputs and gradients are the same.
+    #[arg(long, default_value_t = cps3d::training::options::default_recompute_stages())]
+    recompute_stages: usize,
     /// Serve live metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9184; port 0
     /// picks a free one; the address is printed on stderr). Off unless given.
     #[arg(long)]
@@ -162,6 +167,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 threads: a.threads,
                 timeout_seconds: a.timeout,
                 cpu_bf16: a.cpu_bf16,
+                recompute_stages: a.recompute_stages,
                 data_cores: a.data_cores,
                 no_autotune: a.no_autotune,
                 autotune_interval_seconds: a.autotune_interval,

@@ -24,38 +24,75 @@ impl Default for DiceCe {
     }
 }
 
+/// One output's class scores, computed once for every loss term that reads them: the
+/// supervised term reads the labeled samples' ([`Scores::first`]), the CPS term all of
+/// them, and autograd keeps one softmax and one log-softmax per output, not one per term.
+#[derive(Debug)]
+pub struct Scores {
+    log_probs: Tensor,
+    probs: Tensor,
+}
+
+impl Scores {
+    /// `logits` [B, C, spatial…].
+    pub fn new(logits: &Tensor) -> Scores {
+        Scores { log_probs: logits.log_softmax(1, Kind::Float), probs: logits.softmax(1, Kind::Float) }
+    }
+
+    /// The first `n` samples' scores (views, no copy).
+    pub fn first(&self, n: i64) -> Scores {
+        Scores { log_probs: self.log_probs.narrow(0, 0, n), probs: self.probs.narrow(0, 0, n) }
+    }
+}
+
 impl DiceCe {
     /// `logits` [B, C, spatial…], `target` [B, spatial…] (int64). Returns the scalar
     /// `CE + (−Dice)` (it goes negative as Dice approaches 1, as nnU-Net's does).
     pub fn loss(&self, logits: &Tensor, target: &Tensor) -> Tensor {
-        self.ce(logits, target) + self.soft_dice_loss(logits, target)
+        self.loss_of(&Scores::new(logits), target)
+    }
+
+    /// [`DiceCe::loss`] from scores already computed.
+    pub fn loss_of(&self, scores: &Scores, target: &Tensor) -> Tensor {
+        self.ce_of(scores, target) + self.soft_dice_of(scores, target)
     }
 
     pub fn ce(&self, logits: &Tensor, target: &Tensor) -> Tensor {
-        let ignore = self.ignore_index.unwrap_or(-100);
-        logits.cross_entropy_loss::<Tensor>(target, None, Reduction::Mean, ignore, 0.0)
+        self.ce_of(&Scores::new(logits), target)
     }
 
     /// −mean Dice over foreground classes.
     pub fn soft_dice_loss(&self, logits: &Tensor, target: &Tensor) -> Tensor {
-        let c = logits.size()[1];
-        let probs = logits.softmax(1, Kind::Float);
+        self.soft_dice_of(&Scores::new(logits), target)
+    }
+
+    /// Cross-entropy as torch's: the mean negative log-likelihood over voxels not ignored.
+    fn ce_of(&self, scores: &Scores, target: &Tensor) -> Tensor {
+        let ignore = self.ignore_index.unwrap_or(-100);
+        scores.log_probs.nll_loss_nd::<Tensor>(target, None, Reduction::Mean, ignore)
+    }
+
+    fn soft_dice_of(&self, scores: &Scores, target: &Tensor) -> Tensor {
+        let probs = &scores.probs;
+        let c = probs.size()[1];
         let (t, mask) = match self.ignore_index {
             Some(ig) => {
-                let mask = target.ne(ig);
-                (target.where_scalarother(&mask, 0), Some(mask.unsqueeze(1).to_kind(Kind::Float)))
+                let mask = target.ne(ig).unsqueeze(1);
+                (target.where_scalarother(&mask.squeeze_dim(1), 0), Some(mask))
             }
             None => (target.shallow_clone(), None),
         };
         let dims = probs.dim() as i64;
-        // Scattered straight into the probabilities' kind and layout, without gradient
-        // (nnU-Net's way): no int64 one-hot with classes last, no permuted copy.
-        let mut onehot = tch::no_grad(|| probs.zeros_like().scatter_value(1, &t.unsqueeze(1), 1.0));
-        let mut p = probs;
+        // A bool one-hot scattered without gradient, as nnU-Net's: the product below keeps
+        // it for the backward pass, a quarter of the bytes of a float one.
+        let mut onehot = tch::no_grad(|| {
+            Tensor::zeros(probs.size(), (Kind::Bool, probs.device())).scatter_value(1, &t.unsqueeze(1), 1.0)
+        });
+        let mut p = probs.shallow_clone();
         if let Some(m) = &mask {
             // Not in place: softmax's backward needs its output unchanged.
             p = &p * m;
-            onehot = &onehot * m;
+            onehot = onehot.logical_and(m);
         }
         // Foreground classes only.
         let p = p.narrow(1, 1, c - 1);
@@ -80,15 +117,15 @@ pub fn deep_supervision_weights(n: usize) -> Vec<f64> {
     w.iter().map(|v| v / s).collect()
 }
 
-/// Weighted loss over deep-supervision outputs (full resolution first) and their
-/// targets; outputs with weight 0 are skipped.
-pub fn deep_supervised(loss: &DiceCe, outputs: &[Tensor], targets: &[Tensor]) -> Tensor {
+/// Weighted loss over deep-supervision outputs' scores (full resolution first) and
+/// their targets; outputs with weight 0 are skipped.
+pub fn deep_supervised(loss: &DiceCe, outputs: &[Scores], targets: &[Tensor]) -> Tensor {
     assert_eq!(outputs.len(), targets.len(), "one target per output");
     let w = deep_supervision_weights(outputs.len());
-    let mut total = Tensor::zeros([], (Kind::Float, outputs[0].device()));
+    let mut total = Tensor::zeros([], (Kind::Float, outputs[0].probs.device()));
     for ((o, t), &wi) in outputs.iter().zip(targets).zip(&w) {
         if wi > 0.0 {
-            total += loss.loss(o, t) * wi;
+            total += loss.loss_of(o, t) * wi;
         }
     }
     total
@@ -101,7 +138,7 @@ pub fn pseudo_labels(outputs: &[Tensor]) -> Vec<Tensor> {
 
 /// The CPS term of one network: its outputs supervised by its sibling's argmax
 /// labels at every scale, `l(T_self(x), argmax T_sibling(x))`.
-pub fn cps_term(loss: &DiceCe, own_outputs: &[Tensor], sibling_labels: &[Tensor]) -> Tensor {
+pub fn cps_term(loss: &DiceCe, own_outputs: &[Scores], sibling_labels: &[Tensor]) -> Tensor {
     deep_supervised(loss, own_outputs, sibling_labels)
 }
 
@@ -190,14 +227,14 @@ mod tests {
         let l = DiceCe::default();
         let labels = pseudo_labels(&[sibling.shallow_clone()]);
         assert!(!labels[0].requires_grad());
-        let cps = cps_term(&l, &[own.shallow_clone()], &labels);
+        let cps = cps_term(&l, &[Scores::new(&own)], &labels);
         let direct = l.loss(&own, &sibling.argmax(1, false));
         assert!((cps.double_value(&[]) - direct.double_value(&[])).abs() < 1e-6);
         // A known sibling: all class 2 everywhere gives the loss against all-2 labels.
         let fixed = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
         let _ = fixed.narrow(1, 2, 1).fill_(10.0);
         let all_two = Tensor::full([2, 4, 4], 2, (Kind::Int64, Device::Cpu));
-        let a = cps_term(&l, &[own.shallow_clone()], &pseudo_labels(&[fixed])).double_value(&[]);
+        let a = cps_term(&l, &[Scores::new(&own)], &pseudo_labels(&[fixed])).double_value(&[]);
         assert!((a - l.loss(&own, &all_two).double_value(&[])).abs() < 1e-6);
         cps.backward();
         assert!(own.grad().defined() && own.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
@@ -250,7 +287,9 @@ mod tests {
             let lambda = case["lambda"].as_f64().unwrap();
             let mut ours_total = 0.0;
             for net in 0..2 {
-                let labeled: Vec<Tensor> = p[net].iter().map(|o| o.narrow(0, 0, bl)).collect();
+                // As the trainer: one set of scores per output, the labeled samples' a view.
+                let scores: Vec<Scores> = p[net].iter().map(Scores::new).collect();
+                let labeled: Vec<Scores> = scores.iter().map(|s| s.first(bl)).collect();
                 let sup = deep_supervised(&l, &labeled, &y).double_value(&[]);
                 let want = case["sup"][net].as_f64().unwrap();
                 assert!(
@@ -259,7 +298,7 @@ mod tests {
                     l.batch_dice
                 );
                 // The sibling's argmax over labeled and unlabeled samples together.
-                let cps = cps_term(&l, &p[net], &pseudo_labels(&p[1 - net])).double_value(&[]);
+                let cps = cps_term(&l, &scores, &pseudo_labels(&p[1 - net])).double_value(&[]);
                 let want = case["cps"][net].as_f64().unwrap();
                 assert!((cps - want).abs() < 1e-5, "net {net} cps {cps} vs nnU-Net {want}");
                 ours_total += sup + lambda * cps;

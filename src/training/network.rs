@@ -39,13 +39,42 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor, low: Option<Kind>) -> Tensor {
+        self.forward_parts(&[x], low)
+    }
+
+    /// The convolution of the channel concatenation of `parts`, without making it: one
+    /// convolution per part with its slice of the weight, summed. Autograd then keeps
+    /// the parts (a decoder's skip is kept for the encoder anyway) instead of a
+    /// concatenated copy: one full-resolution tensor fewer per network in training.
+    fn forward_parts(&self, parts: &[&Tensor], low: Option<Kind>) -> Tensor {
         let dil = vec![1i64; self.stride.len()];
-        let (x, weight, bias) = cast(low, x, &self.weight, self.bias.as_ref());
-        let y = match self.stride.len() {
-            3 => x.conv3d(&weight, bias.as_ref(), &self.stride, &self.padding, &dil, 1),
-            _ => x.conv2d(&weight, bias.as_ref(), &self.stride, &self.padding, &dil, 1),
-        };
-        uncast(low, y)
+        let mut first_channel = 0;
+        let mut sum: Option<Tensor> = None;
+        for (i, x) in parts.iter().enumerate() {
+            let channels = x.size()[1];
+            let weight = if parts.len() == 1 {
+                self.weight.shallow_clone()
+            } else {
+                self.weight.narrow(1, first_channel, channels)
+            };
+            first_channel += channels;
+            let (x, weight, bias) = cast(low, x, &weight, if i == 0 { self.bias.as_ref() } else { None });
+            let y = match self.stride.len() {
+                3 => x.conv3d(&weight, bias.as_ref(), &self.stride, &self.padding, &dil, 1),
+                _ => x.conv2d(&weight, bias.as_ref(), &self.stride, &self.padding, &dil, 1),
+            };
+            // Each part back in float32 before summing, so bfloat16 rounds once per part.
+            let y = uncast(low, y);
+            sum = Some(match sum {
+                // In place: a convolution's backward needs its input, not its output.
+                Some(mut s) => {
+                    s += y;
+                    s
+                }
+                None => y,
+            });
+        }
+        sum.expect("at least one input")
     }
 }
 
@@ -122,8 +151,13 @@ impl ConvBlock {
     }
 
     fn forward(&self, x: &Tensor, low: Option<Kind>) -> Tensor {
+        self.forward_parts(&[x], low)
+    }
+
+    /// The block over the channel concatenation of `parts` (see [`Conv::forward_parts`]).
+    fn forward_parts(&self, parts: &[&Tensor], low: Option<Kind>) -> Tensor {
         use tch::nn::Module;
-        let h = self.norm.forward(&self.conv.forward(x, low));
+        let h = self.norm.forward(&self.conv.forward_parts(parts, low));
         if self.negative_slope == 0.01 {
             // In place, as nnU-Net's LeakyReLU(inplace=True): the norm's backward needs its
             // input, not its output, so one buffer fewer per block.
@@ -207,21 +241,52 @@ impl UNet {
     /// predicted on its own (z folded into the batch) and the logits come back as
     /// `[n, K, z, y', x']`, so batches and sliding windows are the same for 2D and 3D.
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        self.run(x, 0).0
+    }
+
+    /// The training forward pass that keeps, of the first `stages` encoder stages (the
+    /// full-resolution end), only their outputs for the backward pass: those stages run
+    /// without a graph, and [`FirstStages::backward`] runs them again, with one, once the
+    /// loss's backward pass has freed everything else. The outputs are those of
+    /// [`forward`], the gradients the same. At a 48×96×96 patch and batch 4 the first
+    /// stage alone holds three 226 MB tensors per network that are not its output, and
+    /// costs the least to recompute (one input channel).
+    ///
+    /// [`forward`]: UNet::forward
+    pub fn forward_recomputing(&self, x: &Tensor, stages: usize) -> (Vec<Tensor>, FirstStages) {
+        let (outputs, first) = self.run(x, stages.clamp(1, self.encoder.len()));
+        (outputs, first.expect("asked for"))
+    }
+
+    /// `recompute`: how many encoder stages [`forward_recomputing`](UNet::forward_recomputing)
+    /// recomputes; 0 keeps everything.
+    fn run(&self, x: &Tensor, recompute: usize) -> (Vec<Tensor>, Option<FirstStages>) {
         if self.spec.dim == 2 && x.dim() == 5 {
             let [n, c, z, y, xs] = <[i64; 5]>::try_from(x.size()).expect("five dimensions");
             let slices = x.permute([0, 2, 1, 3, 4]).reshape([n * z, c, y, xs]);
-            return self
-                .forward(&slices)
+            let (outputs, first) = self.run(&slices, recompute);
+            let outputs = outputs
                 .into_iter()
                 .map(|o| {
                     let [_, k, oy, ox] = <[i64; 4]>::try_from(o.size()).expect("four dimensions");
                     o.reshape([n, z, k, oy, ox]).permute([0, 2, 1, 3, 4])
                 })
                 .collect();
+            return (outputs, first);
         }
-        let mut skips = Vec::with_capacity(self.encoder.len());
-        let mut h = x.shallow_clone();
-        for stage in &self.encoder {
+        let (mut skips, first) = if recompute > 0 {
+            let leaves: Vec<Tensor> = tch::no_grad(|| self.first_stages(x, recompute))
+                .into_iter()
+                .map(|o| o.detach().set_requires_grad(true))
+                .collect();
+            let first =
+                FirstStages { input: x.shallow_clone(), outputs: leaves.iter().map(|l| l.shallow_clone()).collect() };
+            (leaves, Some(first))
+        } else {
+            (self.first_stages(x, 1), None)
+        };
+        let mut h = skips.last().expect("one stage at least").shallow_clone();
+        for stage in &self.encoder[skips.len()..] {
             for b in stage {
                 h = b.forward(&h, self.conv_kind);
             }
@@ -230,8 +295,11 @@ impl UNet {
         let mut outputs = Vec::with_capacity(self.decoder.len());
         let n = skips.len();
         for (d, dec) in self.decoder.iter().enumerate() {
-            h = Tensor::cat(&[dec.up.forward(&h, self.conv_kind), skips[n - 2 - d].shallow_clone()], 1);
-            for b in &dec.blocks {
+            let up = dec.up.forward(&h, self.conv_kind);
+            let skip = &skips[n - 2 - d];
+            let (first_block, rest) = dec.blocks.split_first().expect("a decoder stage has a block");
+            h = first_block.forward_parts(&[&up, skip], self.conv_kind);
+            for b in rest {
                 h = b.forward(&h, self.conv_kind);
             }
             if self.spec.deep_supervision || d == self.decoder.len() - 1 {
@@ -239,7 +307,52 @@ impl UNet {
             }
         }
         outputs.reverse();
+        (outputs, first)
+    }
+
+    /// The outputs of the first `stages` encoder stages.
+    fn first_stages(&self, x: &Tensor, stages: usize) -> Vec<Tensor> {
+        let mut h = x.shallow_clone();
+        let mut outputs = Vec::with_capacity(stages);
+        for stage in &self.encoder[..stages] {
+            for b in stage {
+                h = b.forward(&h, self.conv_kind);
+            }
+            outputs.push(h.shallow_clone());
+        }
         outputs
+    }
+}
+
+/// What [`UNet::forward_recomputing`] keeps to finish the backward pass.
+#[derive(Debug)]
+pub struct FirstStages {
+    input: Tensor,
+    /// The stages' outputs as leaves of the rest of the graph: they collect the gradients.
+    outputs: Vec<Tensor>,
+}
+
+impl FirstStages {
+    /// Call after the loss's `backward()` (under the same autocast as the forward pass):
+    /// reruns the stages with a graph and sends the gradients their outputs received
+    /// through them, into the stages' weights.
+    pub fn backward(self, net: &UNet) {
+        let rerun = net.first_stages(&self.input, self.outputs.len());
+        // backward() takes no output gradient in tch: d/dθ Σ f(x)·g = (∂f/∂θ)ᵀ g.
+        let mut surrogate: Option<Tensor> = None;
+        for (out, leaf) in rerun.iter().zip(&self.outputs) {
+            let grad = leaf.grad();
+            if grad.defined() {
+                let term = (out * grad).sum(Kind::Float);
+                surrogate = Some(match surrogate {
+                    Some(s) => s + term,
+                    None => term,
+                });
+            }
+        }
+        if let Some(s) = surrogate {
+            s.backward();
+        }
     }
 }
 
@@ -323,6 +436,88 @@ mod tests {
             assert_eq!(v.grad().kind(), Kind::Float);
         }
         assert!(vs.trainable_variables().iter().all(|v| v.grad().defined()), "every weight gets a gradient");
+    }
+
+    /// Every weight's gradient of Σ outputs·r for fixed random r, with or without the
+    /// first stage recomputed.
+    fn gradients(net: &UNet, vs: &nn::VarStore, x: &Tensor, recompute: usize) -> Vec<(String, Tensor)> {
+        for v in vs.trainable_variables() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let (outputs, first) = if recompute > 0 {
+            let (o, f) = net.forward_recomputing(x, recompute);
+            (o, Some(f))
+        } else {
+            (net.forward(x), None)
+        };
+        let loss = outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o * Tensor::ones_like(o).cumsum(1, Kind::Float).sin() * (i + 1) as f64).sum(Kind::Float))
+            .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
+        loss.backward();
+        if let Some(first) = first {
+            first.backward(net);
+        }
+        let mut g: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.grad().copy())).collect();
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        g
+    }
+
+    #[test]
+    fn recomputing_the_first_stages_in_the_backward_pass_gives_the_same_gradients() {
+        for (s, x) in [
+            (spec(&[2.0, 1.0, 1.0], &[8, 16, 16], 32, 4), Tensor::randn([2, 1, 8, 16, 16], (Kind::Float, Device::Cpu))),
+            // A 2D network fed volumes, as in training.
+            (spec(&[1.0, 1.0], &[16, 16], 32, 3), Tensor::randn([2, 1, 3, 16, 16], (Kind::Float, Device::Cpu))),
+        ] {
+            tch::manual_seed(5);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = UNet::new(&vs.root(), &s);
+            let plain = net.forward(&x);
+            let kept = gradients(&net, &vs, &x, 0);
+            for stages in [1, 2] {
+                let (recomputed, _) = net.forward_recomputing(&x, stages);
+                for (a, b) in plain.iter().zip(&recomputed) {
+                    assert!(a.equal(b), "the same outputs");
+                }
+                let again = gradients(&net, &vs, &x, stages);
+                for ((name, a), (_, b)) in kept.iter().zip(&again) {
+                    let scale = a.abs().max().double_value(&[]);
+                    assert!(scale > 0.0, "{name} gets a gradient");
+                    let d = (a - b).abs().max().double_value(&[]);
+                    assert!(d <= 1e-5 * scale, "{stages} stage(s) recomputed, {name}: {d} of {scale}");
+                }
+            }
+            assert!(
+                kept.iter().any(|(name, _)| name.starts_with("encoder.0.")),
+                "the first stage's weights are compared"
+            );
+        }
+    }
+
+    #[test]
+    fn a_convolution_over_parts_is_the_convolution_of_their_concatenation() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let conv = Conv::new(&vs.root(), 12, 5, &[3, 3, 3], &[1, 1, 1], true);
+        let _ = tch::no_grad(|| conv.bias.as_ref().unwrap().shallow_clone().normal_(0.0, 1.0));
+        let (a, b) = (
+            Tensor::randn([2, 4, 6, 7, 5], (Kind::Float, Device::Cpu)),
+            Tensor::randn([2, 8, 6, 7, 5], (Kind::Float, Device::Cpu)),
+        );
+        for low in [None, Some(Kind::BFloat16)] {
+            let whole = conv.forward(&Tensor::cat(&[&a, &b], 1), low);
+            let parts = conv.forward_parts(&[&a, &b], low);
+            let scale = whole.abs().max().double_value(&[]);
+            let d = (whole - parts).abs().max().double_value(&[]);
+            // float32: summation order only; bfloat16: the parts round on their own.
+            let tolerance = if low.is_some() { 2e-2 } else { 1e-5 };
+            assert!(d <= tolerance * scale, "{low:?}: {d} of {scale}");
+        }
     }
 
     #[test]

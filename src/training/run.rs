@@ -22,6 +22,7 @@ use super::schedule::{lambda_at, LrState};
 use super::supervisor::{RoundError, Trainers};
 use super::trainer::{injected, Cancel, Command, Reply, StepPhases, TrainerSetup};
 use crate::error::{Error, Result};
+
 use crate::planning::plan::{LambdaSchedule, Plans};
 use crate::util::FolderLock;
 use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner};
@@ -212,6 +213,7 @@ pub fn train(
         batch_dice: conf.batch_dice,
         mixed_precision: plans.cps.mixed_precision,
         cpu_bf16: opts.cpu_bf16,
+        recompute_stages: opts.recompute_stages,
         exchange: None,
         cancel: cancel.clone(),
         timeout: std::time::Duration::from_secs(opts.timeout_seconds),

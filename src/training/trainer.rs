@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::loss::{deep_supervised, pseudo_labels, DiceCe, IGNORE_INDEX};
+use super::loss::{deep_supervised, pseudo_labels, DiceCe, Scores, IGNORE_INDEX};
 use super::network::UNet;
 use super::sgd::{clip_grad_norm, zero_grad, LossScaler, Sgd};
 use crate::planning::topology::NetworkSpec;
@@ -230,6 +230,9 @@ pub struct TrainerSetup {
     pub mixed_precision: bool,
     /// bfloat16 convolutions when on the CPU.
     pub cpu_bf16: bool,
+    /// Encoder stages recomputed in the backward pass instead of keeping their
+    /// activations ([`UNet::forward_recomputing`]); 0: none.
+    pub recompute_stages: usize,
     pub exchange: Option<Exchange>,
     pub cancel: Arc<Cancel>,
     /// How long a wait for a batch or for the sibling's labels may last.
@@ -459,7 +462,15 @@ impl TrainerState {
             let bl = batch.labeled as i64;
             let input = Tensor::from_slice(&batch.image).reshape([n, batch.channels as i64, z, y, x]).to_device(dev);
             let amp = dev.is_cuda() && self.setup.mixed_precision;
-            let outputs = if amp { tch::autocast(true, || self.net.forward(&input)) } else { self.net.forward(&input) };
+            let forward = || {
+                if self.setup.recompute_stages > 0 {
+                    let (outputs, first) = self.net.forward_recomputing(&input, self.setup.recompute_stages);
+                    (outputs, Some(first))
+                } else {
+                    (self.net.forward(&input), None)
+                }
+            };
+            let (outputs, first_stage) = if amp { tch::autocast(true, forward) } else { forward() };
             let outputs: Vec<Tensor> = outputs.into_iter().map(|o| o.to_kind(Kind::Float)).collect();
             // Targets of the labeled samples at each output scale.
             let mut targets = vec![tensor_u8(&batch.labels, &[bl, z, y, x], dev)];
@@ -468,7 +479,9 @@ impl TrainerState {
             }
             targets.truncate(outputs.len());
             lap(&mut phases.forward);
-            let labeled_out: Vec<Tensor> = outputs.iter().map(|o| o.narrow(0, 0, bl)).collect();
+            // Softmax and log-softmax once per output, for both terms.
+            let scores: Vec<Scores> = outputs.iter().map(Scores::new).collect();
+            let labeled_out: Vec<Scores> = scores.iter().map(|s| s.first(bl)).collect();
             let sup = if bl > 0 {
                 // Without ignored voxels (the usual batch; checked on the host, no device
                 // sync) the loss needs no mask: two probability-sized tensors fewer per scale.
@@ -489,7 +502,7 @@ impl TrainerState {
                 let theirs: Vec<Tensor> = theirs.iter().map(|t| t.to_device(dev).to_kind(Kind::Int64)).collect();
                 lap(&mut phases.exchange);
                 // Argmax labels are classes, never the ignore label: no mask.
-                let cps = deep_supervised(&DiceCe { ignore_index: None, ..loss }, &outputs, &theirs);
+                let cps = deep_supervised(&DiceCe { ignore_index: None, ..loss }, &scores, &theirs);
                 cps_value = cps.double_value(&[]);
                 cps_part = Some(cps);
             }
@@ -501,13 +514,24 @@ impl TrainerState {
             lap(&mut phases.loss);
             zero_grad(&self.vs);
             // fp16 on CUDA: scaled loss, unscaled gradients, overflowed steps skipped.
+            let finish_first_stage = || {
+                if let Some(first) = first_stage {
+                    if amp {
+                        tch::autocast(true, || first.backward(&self.net));
+                    } else {
+                        first.backward(&self.net);
+                    }
+                }
+            };
             let (norm, stepped) = if amp {
                 (&total_loss * self.scaler.scale).backward();
+                finish_first_stage();
                 let ok = self.scaler.unscale(&self.vs);
                 let norm = if ok { clip_grad_norm(&self.vs, self.setup.grad_clip) } else { f64::NAN };
                 (norm, ok)
             } else {
                 total_loss.backward();
+                finish_first_stage();
                 (clip_grad_norm(&self.vs, self.setup.grad_clip), true)
             };
             lap(&mut phases.backward);
