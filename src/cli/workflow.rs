@@ -171,7 +171,8 @@ pub fn preprocess(dataset: &Path, plans: &Plans, shards: &Path, configuration: &
 
 /// Training options of a run scored on held-out cases: every labeled case trained on
 /// (`--fold all`), no final validation, augmentation only on request, bfloat16
-/// convolutions on the CPU if `cpu_bf16`.
+/// convolutions on the CPU if `cpu_bf16`, every activation kept (these small networks
+/// need well under a gigabyte; recomputing would only cost time).
 pub fn held_out_training(
     shards: &Path,
     run_dir: &Path,
@@ -190,6 +191,7 @@ pub fn held_out_training(
         val_iterations: 5,
         final_validation: false,
         cpu_bf16,
+        recompute_stages: 0,
         ..Default::default()
     })
 }

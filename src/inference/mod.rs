@@ -430,6 +430,9 @@ fn load_network(
     if n != vars.len() {
         return Err(Error::invalid(path, format!("holds {n} of the {} tensors of plans.json's network", vars.len())));
     }
+    // Prediction reads the full-resolution logits only: the lower heads are not run.
+    let mut net = net;
+    net.spec.deep_supervision = false;
     Ok((vs, net))
 }
 

@@ -500,6 +500,19 @@ mod tests {
     }
 
     #[test]
+    fn without_deep_supervision_only_the_full_resolution_logits_are_computed_and_they_are_the_same() {
+        let s = spec(&[2.0, 1.0, 1.0], &[8, 16, 16], 32, 4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut net = UNet::new(&vs.root(), &s);
+        let x = Tensor::randn([1, 1, 8, 16, 16], (Kind::Float, Device::Cpu));
+        let all = net.forward(&x);
+        net.spec.deep_supervision = false;
+        let one = net.forward(&x);
+        assert!(all.len() > 1 && one.len() == 1);
+        assert!(all[0].equal(&one[0]));
+    }
+
+    #[test]
     fn a_convolution_over_parts_is_the_convolution_of_their_concatenation() {
         tch::manual_seed(2);
         let vs = nn::VarStore::new(Device::Cpu);
