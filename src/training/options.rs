@@ -78,8 +78,8 @@ fn default_true() -> bool {
     true
 }
 
-/// The first two: at the 48×96×96 plan of the README's benchmark, −1.9 GB peak for
-/// +4% step time; deeper stages hold little.
+/// The first two: at the 48×96×96 plan of the README's benchmark, −1.8 GB peak for
+/// +1% step time; deeper stages hold little.
 pub fn default_recompute_stages() -> usize {
     2
 }
