@@ -15,10 +15,11 @@ use serde_json::{json, Value};
 
 use super::planning::{List, Yx};
 use super::workflow::{self, stage, DataSource, TestSet};
-use super::Zyx;
+use super::{MinMax, Zyx};
 use cps3d::dataset::labels::FLARE22_ORGANS;
 use cps3d::evaluation::{csv_header, summarize, CaseScores, OrganScore, Summary};
 use cps3d::planning::plan::{plan, PlanOverrides, Plans};
+use cps3d::training::options::cpu_has_native_bf16;
 use cps3d::training::run::{default_devices, parse_device, TrainOptions};
 
 /// Names the command in a failed stage's error.
@@ -112,8 +113,15 @@ pub struct AblationArgs {
     #[arg(long, default_value_t = 4, value_parser = super::positive)]
     test: usize,
     /// Synthetic volume shape Z,Y,X.
-    #[arg(long, default_value = "32,80,80")]
+    #[arg(long, default_value = "40,80,80")]
     shape: Zyx,
+    /// Synthetic in-plane spacing range MIN,MAX (mm): the demo's framing, so that the
+    /// small organs span a few voxels.
+    #[arg(long, default_value = "3.4,3.8")]
+    spacing_xy: MinMax,
+    /// Synthetic slice spacing range MIN,MAX (mm).
+    #[arg(long, default_value = "6,7")]
+    spacing_z: MinMax,
     /// 3D training patch Z,Y,X.
     #[arg(long, default_value = "16,48,48")]
     patch: Zyx,
@@ -148,6 +156,20 @@ pub struct AblationArgs {
     /// Train with nnU-Net's augmentation (off by default: short runs converge faster without).
     #[arg(long)]
     augment: bool,
+    /// SGD's learning rate and momentum, the demo's: nnU-Net's 0.01 and 0.99 need thousands
+    /// of steps.
+    #[arg(long, default_value_t = 0.2, value_parser = super::planning::positive_f64, allow_negative_numbers = true)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9, value_parser = super::planning::momentum, allow_negative_numbers = true)]
+    momentum: f64,
+    /// Normalise CT with all voxels' statistics (3D-CPS's rule) instead of the foreground's
+    /// (nnU-Net's, the default).
+    #[arg(long)]
+    all_voxel_stats: bool,
+    /// Keep the trainers' convolutions in float32 on a CPU that computes bfloat16 natively
+    /// (where they run in bfloat16 by default, as in the demo).
+    #[arg(long)]
+    float32: bool,
     /// Worker threads for synthesis, fingerprinting, preprocessing and scoring.
     #[arg(short = 'j', long, default_value_t = super::default_workers())]
     #[arg(value_parser = super::workers, allow_negative_numbers = true)]
@@ -174,6 +196,8 @@ impl AblationArgs {
             "labeled": synthetic.then_some(self.labeled),
             "unlabeled": synthetic.then_some(self.unlabeled),
             "shape": synthetic.then_some(self.shape.0),
+            "spacing-xy": synthetic.then_some([self.spacing_xy.0, self.spacing_xy.1]),
+            "spacing-z": synthetic.then_some([self.spacing_z.0, self.spacing_z.1]),
             "test": self.test,
             "patch": self.patch.0,
             "patch-2d": self.patch_2d.0,
@@ -183,6 +207,9 @@ impl AblationArgs {
             "iterations": self.iterations,
             "lambda-ramp-epochs": self.ramp(),
             "augment": self.augment,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "all-voxel-stats": self.all_voxel_stats,
         }))
     }
 }
@@ -231,8 +258,8 @@ pub fn run(a: AblationArgs) -> Result<()> {
         unlabeled: a.unlabeled,
         test: a.test,
         shape: a.shape.0,
-        spacing_xy: None,
-        spacing_z: None,
+        spacing_xy: Some((a.spacing_xy.0, a.spacing_xy.1)),
+        spacing_z: Some((a.spacing_z.0, a.spacing_z.1)),
         seed: 0,
         workers: a.workers,
     };
@@ -246,6 +273,9 @@ pub fn run(a: AblationArgs) -> Result<()> {
             features_3d: Some(a.features.0.clone()),
             epochs: Some(a.epochs),
             iterations_per_epoch: Some(a.iterations),
+            lr: Some(a.lr),
+            momentum: Some(a.momentum),
+            foreground_statistics: !a.all_voxel_stats,
             // As in the demo: a short run at full λ from the start lets the siblings'
             // early all-background labels hold back every organ but the largest.
             lambda_ramp_epochs: Some(a.ramp()),
@@ -276,6 +306,12 @@ pub fn run(a: AblationArgs) -> Result<()> {
     }
 
     cps3d::util::write_json_atomic(&settings_path, &settings)?;
+    if devices.iter().any(|d| d == "cpu") {
+        println!(
+            "convolutions on the CPU in {}",
+            if cpu_bf16(&a) { "bfloat16 (native on this CPU; --float32 to keep float32)" } else { "float32" }
+        );
+    }
 
     let total = arms.len() * a.seeds;
     let mut outcomes: Vec<Outcome> = Vec::new();
@@ -321,6 +357,12 @@ pub fn run(a: AblationArgs) -> Result<()> {
     Ok(())
 }
 
+/// bfloat16 convolutions on a CPU that computes them natively, unless `--float32` (the
+/// demo's rule; on GPUs fp16 autocast follows the plan).
+fn cpu_bf16(a: &AblationArgs) -> bool {
+    !a.float32 && cpu_has_native_bf16()
+}
+
 /// The configurations the arms need, each once.
 fn configurations(arms: &[Arm]) -> Vec<&'static str> {
     let mut c: Vec<&'static str> = arms.iter().map(|a| a.configuration()).collect();
@@ -333,7 +375,7 @@ fn shard_dir(out: &Path, configuration: &str) -> PathBuf {
 }
 
 /// The settings that shape `OUT/data` and the test set.
-const DATA_SETTINGS: [&str; 5] = ["data", "labeled", "unlabeled", "shape", "test"];
+const DATA_SETTINGS: [&str; 7] = ["data", "labeled", "unlabeled", "shape", "spacing-xy", "spacing-z", "test"];
 
 /// Refuses a folder whose data or finished arms were made with other settings (they
 /// would be reused, and compared with arms that were not): every setting recorded in
@@ -416,7 +458,7 @@ fn run_arm(
     // The held-out cases are scored below: train on every labeled case.
     let opts = TrainOptions {
         supervised_only: !arm.cps(),
-        ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment, false)?
+        ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment, cpu_bf16(a))?
     };
     let prefix = format!("{} seed {seed} ", arm.name());
     let trained = workflow::train_to_end(&opts, |l| println!("{}", workflow::epoch_line(&prefix, l)))?;
