@@ -438,8 +438,8 @@ mod tests {
         assert!(vs.trainable_variables().iter().all(|v| v.grad().defined()), "every weight gets a gradient");
     }
 
-    /// Every weight's gradient of Σ outputs·r for fixed random r, with or without the
-    /// first stage recomputed.
+    /// Every weight's gradient of Σ outputs·r (fixed, channel-varying r), with `recompute`
+    /// encoder stages recomputed (0: none).
     fn gradients(net: &UNet, vs: &nn::VarStore, x: &Tensor, recompute: usize) -> Vec<(String, Tensor)> {
         for v in vs.trainable_variables() {
             let mut g = v.grad();
