@@ -19,7 +19,6 @@ use super::{MinMax, Zyx};
 use cps3d::dataset::labels::FLARE22_ORGANS;
 use cps3d::evaluation::{csv_header, summarize, CaseScores, OrganScore, Summary};
 use cps3d::planning::plan::{plan, PlanOverrides, Plans};
-use cps3d::training::options::cpu_has_native_bf16;
 use cps3d::training::run::{default_devices, parse_device, TrainOptions};
 
 /// Names the command in a failed stage's error.
@@ -306,12 +305,7 @@ pub fn run(a: AblationArgs) -> Result<()> {
     }
 
     cps3d::util::write_json_atomic(&settings_path, &settings)?;
-    if devices.iter().any(|d| d == "cpu") {
-        println!(
-            "convolutions on the CPU in {}",
-            if cpu_bf16(&a) { "bfloat16 (native on this CPU; --float32 to keep float32)" } else { "float32" }
-        );
-    }
+    let cpu_bf16 = workflow::cpu_bf16_for(&devices, a.float32, "");
 
     let total = arms.len() * a.seeds;
     let mut outcomes: Vec<Outcome> = Vec::new();
@@ -321,7 +315,7 @@ pub fn run(a: AblationArgs) -> Result<()> {
     for seed in 0..a.seeds as u64 {
         for &arm in &arms {
             let label = format!("{} seed {seed}", arm.name());
-            let outcome = super::no_panic(&label, || run_arm(&a, arm, seed, &devices, predict_device, &test));
+            let outcome = super::no_panic(&label, || run_arm(&a, arm, seed, &devices, cpu_bf16, predict_device, &test));
             match outcome {
                 Ok(o) => outcomes.push(o),
                 Err(e) => {
@@ -355,12 +349,6 @@ pub fn run(a: AblationArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// bfloat16 convolutions on a CPU that computes them natively, unless `--float32` (the
-/// demo's rule; on GPUs fp16 autocast follows the plan).
-fn cpu_bf16(a: &AblationArgs) -> bool {
-    !a.float32 && cpu_has_native_bf16()
 }
 
 /// The configurations the arms need, each once.
@@ -417,6 +405,7 @@ fn run_arm(
     arm: Arm,
     seed: u64,
     devices: &[String],
+    cpu_bf16: bool,
     predict_device: tch::Device,
     test: &TestSet,
 ) -> Result<Outcome> {
@@ -458,7 +447,7 @@ fn run_arm(
     // The held-out cases are scored below: train on every labeled case.
     let opts = TrainOptions {
         supervised_only: !arm.cps(),
-        ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment, cpu_bf16(a))?
+        ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment, cpu_bf16)?
     };
     let prefix = format!("{} seed {seed} ", arm.name());
     let trained = workflow::train_to_end(&opts, |l| println!("{}", workflow::epoch_line(&prefix, l)))?;

@@ -14,7 +14,6 @@ use super::workflow::{self, stage, DataSource};
 use super::{planning::List, MinMax, Zyx};
 use cps3d::planning::fingerprint::Fingerprint;
 use cps3d::planning::plan::{PlanOverrides, Plans};
-use cps3d::training::options::cpu_has_native_bf16;
 use cps3d::training::run::default_devices;
 use cps3d::training::trainer::StepPhases;
 
@@ -148,13 +147,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(DEMO, "train", || {
         let devices = a.devices.clone().unwrap_or_else(default_devices);
         // The demo scores its own held-out cases below: train on every labeled case.
-        let cpu_bf16 = !a.float32 && cpu_has_native_bf16();
-        if devices.iter().any(|d| d == "cpu") {
-            println!(
-                "  convolutions on the CPU in {}",
-                if cpu_bf16 { "bfloat16 (native on this CPU)" } else { "float32" }
-            );
-        }
+        let cpu_bf16 = workflow::cpu_bf16_for(&devices, a.float32, "  ");
         let opts = workflow::held_out_training(&shards, &run_dir, devices, a.seed, a.augment, cpu_bf16)?;
         let mut phases = Vec::new();
         let trained = workflow::train_to_end(&opts, |l| {

@@ -17,6 +17,7 @@ use cps3d::planning::plan::{plan, PlanOverrides, Plans};
 use cps3d::preprocessing::{preprocess_dataset, PreprocessOptions};
 use cps3d::synth::{write_dataset, SynthConfig};
 use cps3d::training::checkpoint::EpochLog;
+use cps3d::training::options::cpu_has_native_bf16;
 use cps3d::training::run::{train, Start, TrainOptions};
 
 /// Where the training data comes from and how many cases to hold out.
@@ -167,6 +168,17 @@ pub fn preprocess(dataset: &Path, plans: &Plans, shards: &Path, configuration: &
         bail!("{} case(s) failed, first: {}: {}", summary.failed.len(), f.id, f.error);
     }
     Ok(())
+}
+
+/// Whether the held-out runs' convolutions on the CPU are bfloat16: where the CPU computes
+/// them natively, unless `float32`. Says which, when a trainer is on the CPU.
+pub fn cpu_bf16_for(devices: &[String], float32: bool, indent: &str) -> bool {
+    let bf16 = !float32 && cpu_has_native_bf16();
+    if devices.iter().any(|d| d == "cpu") {
+        let kind = if bf16 { "bfloat16 (native on this CPU; --float32 to keep float32)" } else { "float32" };
+        println!("{indent}convolutions on the CPU in {kind}");
+    }
+    bf16
 }
 
 /// Training options of a run scored on held-out cases: every labeled case trained on

@@ -247,11 +247,7 @@ impl Model {
             for (_, net) in &self.nets {
                 for f in &flips {
                     let inp = if f.is_empty() { tiles.shallow_clone() } else { tiles.flip(f.as_slice()) };
-                    let out = if self.device.is_cuda() && self.mixed_precision {
-                        tch::autocast(true, || net.forward(&inp))
-                    } else {
-                        net.forward(&inp)
-                    };
+                    let out = tch::autocast(self.device.is_cuda() && self.mixed_precision, || net.forward(&inp));
                     let mut p = out[0].to_kind(Kind::Float);
                     if !f.is_empty() {
                         p = p.flip(f.as_slice());

@@ -470,7 +470,8 @@ impl TrainerState {
                     (self.net.forward(&input), None)
                 }
             };
-            let (outputs, first_stage) = if amp { tch::autocast(true, forward) } else { forward() };
+            // autocast(false, …) is a plain call: autocast is never on around a step.
+            let (outputs, first_stage) = tch::autocast(amp, forward);
             let outputs: Vec<Tensor> = outputs.into_iter().map(|o| o.to_kind(Kind::Float)).collect();
             // Targets of the labeled samples at each output scale.
             let mut targets = vec![tensor_u8(&batch.labels, &[bl, z, y, x], dev)];
@@ -516,11 +517,7 @@ impl TrainerState {
             // fp16 on CUDA: scaled loss, unscaled gradients, overflowed steps skipped.
             let finish_first_stage = || {
                 if let Some(first) = first_stage {
-                    if amp {
-                        tch::autocast(true, || first.backward(&self.net));
-                    } else {
-                        first.backward(&self.net);
-                    }
+                    tch::autocast(amp, || first.backward(&self.net));
                 }
             };
             let (norm, stepped) = if amp {
@@ -604,11 +601,8 @@ impl TrainerState {
                 let input = Tensor::from_slice(&batch.image[..batch.labeled * batch.channels * pn])
                     .reshape([n, batch.channels as i64, z, y, x])
                     .to_device(self.setup.device);
-                let out = if self.setup.device.is_cuda() && self.setup.mixed_precision {
-                    tch::autocast(true, || self.net.forward(&input))
-                } else {
-                    self.net.forward(&input)
-                };
+                let amp = self.setup.device.is_cuda() && self.setup.mixed_precision;
+                let out = tch::autocast(amp, || self.net.forward(&input));
                 let pred = out[0].argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu);
                 let pred: Vec<u8> = Vec::try_from(pred.flatten(0, -1)).unwrap_or_default();
                 for (&a, &b) in pred.iter().zip(&batch.labels) {
