@@ -5,9 +5,10 @@
 //! (the batch queue was empty on average) it adds a worker to the busier stage while
 //! the budget allows, and at the budget moves one from the idler stage to the busier
 //! one; when the batch queue stays full (the consumers are the limit) it removes a
-//! worker from the idler stage. Every change is measured after a settling interval;
-//! a configuration that delivered fewer batches/s than the one it replaced is undone
-//! and not tried again, so the search ends at a local best (with 2–4 cores, the best).
+//! worker from the idler stage. Every change is measured (over at least a few batches)
+//! after a settling interval; a configuration that delivered fewer batches/s than the
+//! one it replaced is undone and not tried again, so the search ends at a local best
+//! (with 2–4 cores, the best).
 //! Batches keep their order and numbering through every change (see
 //! [`Control::set_workers`]).
 
@@ -90,6 +91,11 @@ impl Drop for Autotuner {
     }
 }
 
+/// Batches a measurement must see before its rate is trusted, and the most intervals it
+/// waits for them (consumers that take nothing at all, e.g. while validating, still end it).
+const MIN_BATCHES_MEASURED: u64 = 4;
+const MAX_WINDOWS_MEASURED: usize = 20;
+
 /// Cumulative counters at one instant: batcher items, loader and augmenter busy ns,
 /// batch-queue depth samples and their sum.
 #[derive(Clone, Copy)]
@@ -159,15 +165,25 @@ fn run(
     // The configuration a change left, to undo it if the new one measures worse.
     let mut previous: Option<[usize; 2]> = None;
     loop {
-        // Settle after the last change, then measure one interval.
+        // Settle after the last change, then measure.
         if !wait(cfg.interval, stop) {
             return;
         }
         let a = read(path);
-        if !wait(cfg.interval, stop) {
-            return;
+        // A rate from one or two batches is noise (one slow consumer step would undo a
+        // good change), so the window grows until a few batches have passed.
+        let mut b;
+        let mut windows = 0;
+        loop {
+            if !wait(cfg.interval, stop) {
+                return;
+            }
+            b = read(path);
+            windows += 1;
+            if b.batches - a.batches >= MIN_BATCHES_MEASURED || windows >= MAX_WINDOWS_MEASURED {
+                break;
+            }
         }
-        let b = read(path);
         if path.stopping() {
             return;
         }
