@@ -95,8 +95,20 @@ fn a_running_bench_serves_metrics_that_prometheus_can_parse() {
         assert!(text.contains(&format!("# TYPE {family} counter")), "{family} is a counter:\n{text}");
     }
     assert!(text.contains("# UNIT cps3d_datapath_busy_seconds seconds"), "{text}");
-    std::thread::sleep(Duration::from_millis(700));
-    let (_, second) = scrape(&addr);
+    // Scrape again once every stage has moved on (a loaded machine may take a while).
+    let grew = |a: &Scrape, b: &Scrape| {
+        ["loader", "augmenter", "batcher"].iter().all(|&stage| {
+            value(b, "cps3d_datapath_items_total", &[("stage", stage)])
+                > value(a, "cps3d_datapath_items_total", &[("stage", stage)])
+        })
+    };
+    let second = loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, second) = scrape(&addr);
+        if grew(&first, &second) || started.elapsed() > Duration::from_secs(60) {
+            break second;
+        }
+    };
     for stage in ["loader", "augmenter", "batcher"] {
         let (a, b) = (
             value(&first, "cps3d_datapath_items_total", &[("stage", stage)]),
