@@ -330,8 +330,12 @@ fn the_autotuner_fills_a_starved_path_up_to_its_budget_and_keeps_batches_in_step
     use super::autotune::{AutotuneConfig, Autotuner};
     let tmp = tempfile::tempdir().unwrap();
     let (l, u) = dataset(tmp.path(), 3, 4);
-    let dp = DataPath::start(config(l, u)).unwrap();
     // Consumers that take every batch at once: always starved, so the tuner grows the path.
+    // Patches large enough that the path, not the consumers' wake-ups, sets the pace even
+    // on a loaded machine (small ones run at ~2000 batches/s and fill the queue then).
+    let mut cfg = config(l, u);
+    cfg.patch = [32, 40, 40];
+    let dp = DataPath::start(cfg).unwrap();
     let cfg = AutotuneConfig { cores: 3, interval: Duration::from_millis(150) };
     let tuner = Autotuner::start(dp.control(), cfg, |_| {});
     let mut next_index = 0;
