@@ -66,9 +66,7 @@ impl TrainerMetrics {
         self.data_wait_seconds.get_or_create(&l).inc_by(data_wait_seconds);
         self.steps.get_or_create(&l).inc();
     }
-}
 
-impl TrainerMetrics {
     /// The schedule of the epoch about to be trained.
     pub fn record_epoch_start(&self, epoch: usize, lr: f64, lambda: f64) {
         self.epoch.set(epoch as i64);

@@ -4,8 +4,8 @@
 //! Items flow through crossbeam bounded channels of capacity `workers`, so at most
 //! `3 × workers + 2` items exist at once whatever the length of the input (queued
 //! jobs, items in workers' hands, queued results, one held by the feeder and one
-//! being handed to the caller): memory stays flat over 20 or 2000 scans. A worker that panics on one item reports the
-//! panic for that item and goes on with the next.
+//! being handed to the caller): memory stays flat over 20 or 2000 scans. A worker
+//! that panics on one item reports the panic for that item and goes on with the next.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -77,8 +77,8 @@ impl DiceCe {
         let c = probs.size()[1];
         let (t, mask) = match self.ignore_index {
             Some(ig) => {
-                let mask = target.ne(ig).unsqueeze(1);
-                (target.where_scalarother(&mask.squeeze_dim(1), 0), Some(mask))
+                let keep = target.ne(ig);
+                (target.where_scalarother(&keep, 0), Some(keep.unsqueeze(1)))
             }
             None => (target.shallow_clone(), None),
         };

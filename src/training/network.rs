@@ -241,30 +241,24 @@ impl UNet {
     /// predicted on its own (z folded into the batch) and the logits come back as
     /// `[n, K, z, y', x']`, so batches and sliding windows are the same for 2D and 3D.
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
-        self.run(x, 0).0
+        self.forward_recomputing(x, 0).0
     }
 
     /// The training forward pass that keeps, of the first `stages` encoder stages (the
     /// full-resolution end), only their outputs for the backward pass: those stages run
     /// without a graph, and [`FirstStages::backward`] runs them again, with one, once the
     /// loss's backward pass has freed everything else. The outputs are those of
-    /// [`forward`], the gradients the same. At a 48×96×96 patch and batch 4 the first
-    /// stage alone holds three 226 MB tensors per network that are not its output, and
-    /// costs the least to recompute (one input channel).
+    /// [`forward`], the gradients the same; 0 stages is [`forward`] (and `None`). At a
+    /// 48×96×96 patch and batch 4 the first stage alone holds three 226 MB tensors per
+    /// network that are not its output, and costs the least to recompute (one input channel).
     ///
     /// [`forward`]: UNet::forward
-    pub fn forward_recomputing(&self, x: &Tensor, stages: usize) -> (Vec<Tensor>, FirstStages) {
-        let (outputs, first) = self.run(x, stages.clamp(1, self.encoder.len()));
-        (outputs, first.expect("asked for"))
-    }
-
-    /// `recompute`: how many encoder stages [`forward_recomputing`](UNet::forward_recomputing)
-    /// recomputes; 0 keeps everything.
-    fn run(&self, x: &Tensor, recompute: usize) -> (Vec<Tensor>, Option<FirstStages>) {
+    pub fn forward_recomputing(&self, x: &Tensor, stages: usize) -> (Vec<Tensor>, Option<FirstStages>) {
+        let recompute = stages.min(self.encoder.len());
         if self.spec.dim == 2 && x.dim() == 5 {
             let [n, c, z, y, xs] = <[i64; 5]>::try_from(x.size()).expect("five dimensions");
             let slices = x.permute([0, 2, 1, 3, 4]).reshape([n * z, c, y, xs]);
-            let (outputs, first) = self.run(&slices, recompute);
+            let (outputs, first) = self.forward_recomputing(&slices, recompute);
             let outputs = outputs
                 .into_iter()
                 .map(|o| {
@@ -447,12 +441,7 @@ mod tests {
                 let _ = g.zero_();
             }
         }
-        let (outputs, first) = if recompute > 0 {
-            let (o, f) = net.forward_recomputing(x, recompute);
-            (o, Some(f))
-        } else {
-            (net.forward(x), None)
-        };
+        let (outputs, first) = net.forward_recomputing(x, recompute);
         let loss = outputs
             .iter()
             .enumerate()

@@ -22,7 +22,6 @@ use super::schedule::{lambda_at, LrState};
 use super::supervisor::{RoundError, Trainers};
 use super::trainer::{injected, Cancel, Command, Reply, StepPhases, TrainerSetup};
 use crate::error::{Error, Result};
-
 use crate::planning::plan::{LambdaSchedule, Plans};
 use crate::util::FolderLock;
 use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner};

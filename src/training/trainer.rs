@@ -462,16 +462,9 @@ impl TrainerState {
             let bl = batch.labeled as i64;
             let input = Tensor::from_slice(&batch.image).reshape([n, batch.channels as i64, z, y, x]).to_device(dev);
             let amp = dev.is_cuda() && self.setup.mixed_precision;
-            let forward = || {
-                if self.setup.recompute_stages > 0 {
-                    let (outputs, first) = self.net.forward_recomputing(&input, self.setup.recompute_stages);
-                    (outputs, Some(first))
-                } else {
-                    (self.net.forward(&input), None)
-                }
-            };
             // autocast(false, …) is a plain call: autocast is never on around a step.
-            let (outputs, first_stage) = tch::autocast(amp, forward);
+            let (outputs, first_stage) =
+                tch::autocast(amp, || self.net.forward_recomputing(&input, self.setup.recompute_stages));
             let outputs: Vec<Tensor> = outputs.into_iter().map(|o| o.to_kind(Kind::Float)).collect();
             // Targets of the labeled samples at each output scale.
             let mut targets = vec![tensor_u8(&batch.labels, &[bl, z, y, x], dev)];
