@@ -111,11 +111,33 @@ impl ConvTranspose {
 /// A convolution's input, weight and bias in the low-precision kind, if any. The casts
 /// are part of the graph, so gradients reach the float32 weights (autocast's rule:
 /// float32 master weights, convolutions in the low precision).
+///
+/// The weight goes channels-last (a small copy, part of the graph too): libtorch then runs
+/// the convolution on oneDNN in channels-last layout, forward and backward, and its output
+/// stays channels-last for the next layer. In the default layout oneDNN computes the weight
+/// gradient with im2col + GEMM on CPUs without AVX-512 (half of a training step there);
+/// channels-last has direct kernels for it: a step 1.6× faster with AVX2 kernels, 1.3×
+/// with AVX-512 (same values up to float32 rounding).
 fn cast(low: Option<Kind>, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> (Tensor, Tensor, Option<Tensor>) {
-    match low {
+    let (x, weight, bias) = match low {
         Some(k) => (x.to_kind(k), weight.to_kind(k), bias.map(|b| b.to_kind(k))),
         None => (x.shallow_clone(), weight.shallow_clone(), bias.map(Tensor::shallow_clone)),
+    };
+    let weight = if weight.device() == tch::Device::Cpu { channels_last(&weight) } else { weight };
+    (x, weight, bias)
+}
+
+/// `t` (N, C, spatial...) with the channels stored last (PyTorch's channels_last /
+/// channels_last_3d: same shape, strides with C innermost). tch has no memory-format
+/// argument; a permuted contiguous copy permuted back is that layout.
+pub fn channels_last(t: &Tensor) -> Tensor {
+    let n = t.dim() as i64;
+    if n < 4 {
+        return t.shallow_clone();
     }
+    let to_last: Vec<i64> = std::iter::once(0).chain(2..n).chain(std::iter::once(1)).collect();
+    let back: Vec<i64> = std::iter::once(0).chain(std::iter::once(n - 1)).chain(1..n - 1).collect();
+    t.permute(&to_last).contiguous().permute(&back)
 }
 
 /// A low-precision convolution's output back in float32, where norms and losses run.
