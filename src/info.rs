@@ -13,6 +13,51 @@ pub struct Info {
     pub cpu_cores: usize,
     /// bfloat16 dot products in hardware (`train --cpu-bf16`, the demo's default).
     pub cpu_native_bf16: bool,
+    /// Measured convolution throughput on one CPU thread (see [`ConvThroughput`]).
+    pub cpu_convolution: ConvThroughput,
+}
+
+/// GFLOP/s of one 3×3×3 convolution's forward and backward passes (data and weight
+/// gradients: 3 × 2·N·C_out·C_in·27·voxels FLOPs) on one CPU thread, as each demo
+/// trainer runs: the demo's full-resolution layer (a batch of 4 patches of 16×48×48
+/// voxels, 16 → 16 channels, channels-last as the networks run). Timed over 3 passes
+/// after a warm-up one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvThroughput {
+    pub float32_gflops: f64,
+    /// Only where bfloat16 is native: emulated, it is far slower than float32.
+    pub bfloat16_gflops: Option<f64>,
+}
+
+/// Measures [`ConvThroughput`] (about a second with AVX2 kernels).
+pub fn convolution_throughput() -> ConvThroughput {
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
+    let float32_gflops = conv_gflops(tch::Kind::Float);
+    let bfloat16_gflops = crate::training::options::cpu_has_native_bf16().then(|| conv_gflops(tch::Kind::BFloat16));
+    tch::set_num_threads(threads);
+    ConvThroughput { float32_gflops, bfloat16_gflops }
+}
+
+fn conv_gflops(kind: tch::Kind) -> f64 {
+    use crate::training::network::channels_last;
+    let (n, c, voxels) = (4i64, 16i64, [16i64, 48, 48]);
+    let opts = (kind, tch::Device::Cpu);
+    let x = channels_last(&tch::Tensor::randn([n, c, voxels[0], voxels[1], voxels[2]], opts)).set_requires_grad(true);
+    let w = channels_last(&tch::Tensor::randn([c, c, 3, 3, 3], opts)).set_requires_grad(true);
+    let pass = || {
+        let y = x.conv3d(&w, None::<tch::Tensor>, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1);
+        y.sum(tch::Kind::Float).backward();
+    };
+    pass();
+    let timed = 3;
+    let start = std::time::Instant::now();
+    for _ in 0..timed {
+        pass();
+    }
+    let seconds = start.elapsed().as_secs_f64() / timed as f64;
+    let flops = 3.0 * 2.0 * (n * c * c * 27 * voxels.iter().product::<i64>()) as f64;
+    flops / seconds / 1e9
 }
 
 pub fn collect() -> Info {
@@ -29,6 +74,7 @@ pub fn collect() -> Info {
         cpu_threads: tch::get_num_threads(),
         cpu_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         cpu_native_bf16: crate::training::options::cpu_has_native_bf16(),
+        cpu_convolution: convolution_throughput(),
     }
 }
 
@@ -78,6 +124,15 @@ impl std::fmt::Display for Info {
             } else {
                 "emulated (keep float32)"
             }
-        )
+        )?;
+        write!(
+            f,
+            "\nconvolution throughput, one thread (3x3x3, 16 channels, forward + backward): float32 {:.0} GFLOP/s",
+            self.cpu_convolution.float32_gflops
+        )?;
+        if let Some(b) = self.cpu_convolution.bfloat16_gflops {
+            write!(f, ", bfloat16 {b:.0} GFLOP/s")?;
+        }
+        Ok(())
     }
 }

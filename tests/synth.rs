@@ -137,4 +137,21 @@ fn info_reports_libtorch_and_devices() {
     // Said both ways, and the same way.
     let native = v["cpu_native_bf16"].as_bool().expect("cpu_native_bf16 is a boolean");
     assert!(text.contains(if native { "bfloat16 native" } else { "bfloat16 emulated" }), "{text}");
+    // The measured convolution throughput: a plausible float32 rate on any CPU of this
+    // century (one thread), and a bfloat16 rate exactly where bfloat16 is native.
+    let conv = &v["cpu_convolution"];
+    let f32_rate = conv["float32_gflops"].as_f64().expect("float32 throughput");
+    assert!((0.5..5000.0).contains(&f32_rate), "{conv}");
+    assert_eq!(conv["bfloat16_gflops"].is_f64(), native, "{conv}");
+    assert!(text.contains("convolution throughput, one thread") && text.contains("GFLOP/s"), "{text}");
+}
+
+#[test]
+fn capping_onednn_below_avx512_bf16_is_seen_as_a_cpu_without_native_bfloat16() {
+    // What README tells users to do to run as on a CPU without AVX-512.
+    let out = common::cps3d().args(["info", "--json"]).env("ONEDNN_MAX_CPU_ISA", "AVX2").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cpu_native_bf16"], false, "{v}");
+    assert!(v["cpu_convolution"]["bfloat16_gflops"].is_null(), "{v}");
 }

@@ -120,8 +120,24 @@ impl Default for TrainOptions {
 
 /// Whether this CPU computes bfloat16 dot products natively (AVX512-BF16), where
 /// bfloat16 convolutions run at about twice the float32 rate; elsewhere they are
-/// emulated and slower than float32.
+/// emulated and slower than float32 (15× slower per step with AVX2 kernels).
+/// oneDNN, which runs the convolutions, can be capped below the CPU's instruction set
+/// (`ONEDNN_MAX_CPU_ISA`, or the older `DNNL_MAX_CPU_ISA`, e.g. `AVX2` to run as on a CPU
+/// without AVX-512): a cap below `AVX512_CORE_BF16` makes bfloat16 emulated here too.
 pub fn cpu_has_native_bf16() -> bool {
+    let cap = std::env::var("ONEDNN_MAX_CPU_ISA").or_else(|_| std::env::var("DNNL_MAX_CPU_ISA")).ok();
+    cpu_has_bf16_instructions() && cap.as_deref().is_none_or(onednn_isa_allows_bf16)
+}
+
+/// Whether oneDNN capped at `isa` (a `ONEDNN_MAX_CPU_ISA` value, any case) may use
+/// AVX512-BF16: the caps from `AVX512_CORE_BF16` up (and `ALL`, `DEFAULT`, empty: no cap).
+pub fn onednn_isa_allows_bf16(isa: &str) -> bool {
+    let isa = isa.trim().to_ascii_uppercase();
+    let below = ["SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"];
+    !below.contains(&isa.as_str())
+}
+
+fn cpu_has_bf16_instructions() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512bf16")
@@ -304,5 +320,20 @@ mod tests {
         // Never below one thread each.
         let one = TrainOptions { threads: Some(1), ..Default::default() };
         assert_eq!(one.torch_threads(&[Device::Cpu, Device::Cpu]), Some(1));
+    }
+}
+
+#[cfg(test)]
+mod isa_cap_tests {
+    use super::onednn_isa_allows_bf16;
+
+    #[test]
+    fn a_onednn_cap_below_avx512_bf16_makes_bfloat16_emulated() {
+        for capped in ["AVX2", "avx2", "AVX512_CORE", "AVX512_CORE_VNNI", "SSE41", "AVX2_VNNI"] {
+            assert!(!onednn_isa_allows_bf16(capped), "{capped}");
+        }
+        for open in ["AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10_1_512", "ALL", "DEFAULT", ""] {
+            assert!(onednn_isa_allows_bf16(open), "{open}");
+        }
     }
 }
