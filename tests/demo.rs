@@ -58,6 +58,9 @@ fn demo_runs_every_stage_on_phantoms_and_resumes() {
         assert!(png.is_file() && text.contains(png.to_str().unwrap()), "{text}");
     }
     assert!(text.contains("progress.png") && text.contains("a step's time"), "{text}");
+    // The expected training time is told before the first epoch's line.
+    let estimate = text.find("expected training time on this machine").unwrap_or_else(|| panic!("{text}"));
+    assert!(estimate < text.find("epoch   0").unwrap_or_else(|| panic!("{text}")), "{text}");
     // The short-run recipe: nnU-Net's foreground CT statistics, SGD 0.2 with momentum 0.9.
     let plans = cps3d::planning::plan::Plans::read(&out.join("plans.json")).unwrap();
     assert_eq!(plans.normalization[0].statistics, "foreground");

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{run, stderr, stdout};
-use cps3d::training::run::{checkpoint_tensors, train, Start, TrainOptions};
+use cps3d::training::run::{checkpoint_tensors, train, Progress, Start, TrainOptions};
 
 fn options(shards: &Path, run_dir: &Path, epochs: usize, iterations: usize) -> TrainOptions {
     TrainOptions {
@@ -392,4 +392,27 @@ fn the_2d_configuration_streams_slices_trains_with_cps_and_predicts_on_the_input
         layouts.insert(img.axis_codes());
     }
     assert!(layouts.contains("RAS") && layouts.contains("LPS"), "{layouts:?}");
+}
+
+#[test]
+fn the_expected_training_time_is_told_before_the_first_epoch_and_holds_within_2x() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let mut events = Vec::new();
+    let started = Instant::now();
+    let logs = train(&options(&shards, &tmp.path().join("run"), 3, 12), Start::New, None, |p| match p {
+        Progress::Estimate(e) => events.push(("estimate", Some(e.clone()))),
+        Progress::Epoch(_) => events.push(("epoch", None)),
+    })
+    .unwrap();
+    let measured = started.elapsed().as_secs_f64();
+    assert_eq!(logs.len(), 3);
+    let names: Vec<&str> = events.iter().map(|e| e.0).collect();
+    assert_eq!(names, ["estimate", "epoch", "epoch", "epoch"], "the estimate comes once, before the first epoch");
+    let e = events[0].1.clone().unwrap();
+    assert_eq!((e.steps, e.epochs, e.steps_timed), (36, 3, 3), "{e:?}");
+    assert!(e.elapsed_seconds < measured && e.seconds_per_step > 0.0, "{e:?}");
+    let ratio = e.training_seconds / measured;
+    eprintln!("estimated {:.2} s before the first epoch, trained in {measured:.2} s", e.training_seconds);
+    assert!((0.5..=2.0).contains(&ratio), "estimated {:.2} s, measured {measured:.2} s ({e:?})", e.training_seconds);
 }

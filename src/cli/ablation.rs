@@ -19,7 +19,7 @@ use super::{MinMax, Zyx};
 use cps3d::dataset::labels::FLARE22_ORGANS;
 use cps3d::evaluation::{csv_header, summarize, CaseScores, OrganScore, Summary};
 use cps3d::planning::plan::{plan, PlanOverrides, Plans};
-use cps3d::training::run::{default_devices, parse_device, TrainOptions};
+use cps3d::training::run::{default_devices, parse_device, Progress, TrainOptions};
 
 /// Names the command in a failed stage's error.
 const ABLATION: &str = "ablation";
@@ -450,7 +450,10 @@ fn run_arm(
         ..workflow::held_out_training(&shards, &run_dir, devices.to_vec(), seed, a.augment, cpu_bf16)?
     };
     let prefix = format!("{} seed {seed} ", arm.name());
-    let trained = workflow::train_to_end(&opts, |l| println!("{}", workflow::epoch_line(&prefix, l)))?;
+    let trained = workflow::train_to_end(&opts, |p| match p {
+        Progress::Estimate(e) => println!("  {prefix}{e}"),
+        Progress::Epoch(l) => println!("{}", workflow::epoch_line(&prefix, l)),
+    })?;
     if !trained {
         println!("{label} training already finished in {}", run_dir.display());
     }

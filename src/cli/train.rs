@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::Zyx;
 use cps3d::training::options::{resume_options, ResumeRequest};
-use cps3d::training::run::{default_devices, train, Start, TrainOptions};
+use cps3d::training::run::{default_devices, train, Progress, Start, TrainOptions};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -199,7 +199,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
     }
-    let result = train(&opts, start, Some(steps.clone()), |l| {
+    let result = train(&opts, start, Some(steps.clone()), |p| {
+        let l = match p {
+            Progress::Estimate(e) => {
+                tracing::info!("{e}");
+                return;
+            }
+            Progress::Epoch(l) => l,
+        };
         pb.set_message(format!("epoch {} pseudo-Dice {:.3}", l.epoch, l.ema_pseudo_dice));
         tracing::info!(
             "epoch {}: loss {:.4?} (sup {:.4?}, cps {:.4?}), λ {:.3}, lr {:.5}, pseudo-Dice {:.4} (EMA {:.4}), step {:.2} s, data wait {:.1}% ({})",

@@ -18,7 +18,7 @@ use cps3d::preprocessing::{preprocess_dataset, PreprocessOptions};
 use cps3d::synth::{write_dataset, SynthConfig};
 use cps3d::training::checkpoint::EpochLog;
 use cps3d::training::options::cpu_has_native_bf16;
-use cps3d::training::run::{train, Start, TrainOptions};
+use cps3d::training::run::{train, Progress, Start, TrainOptions};
 
 /// Where the training data comes from and how many cases to hold out.
 pub struct DataSource<'a> {
@@ -219,7 +219,7 @@ pub fn epoch_line(prefix: &str, l: &EpochLog) -> String {
 /// Trains `opts.run_dir` to the end: continues from `latest.json` when the folder has
 /// one. Returns `false`, without training, when the run has already finished
 /// (`final.json`).
-pub fn train_to_end(opts: &TrainOptions, on_epoch: impl FnMut(&EpochLog)) -> Result<bool> {
+pub fn train_to_end(opts: &TrainOptions, on_progress: impl FnMut(Progress<'_>)) -> Result<bool> {
     if opts.run_dir.join("final.json").is_file() {
         // Redrawn, so that a finished run's figure follows this build's layout.
         let logs = cps3d::training::checkpoint::read_log(&opts.run_dir.join("log.jsonl"));
@@ -229,7 +229,7 @@ pub fn train_to_end(opts: &TrainOptions, on_epoch: impl FnMut(&EpochLog)) -> Res
         return Ok(false);
     }
     let resume = opts.run_dir.join("latest.json").is_file();
-    train(opts, if resume { Start::Resume } else { Start::Overwrite }, None, on_epoch)?;
+    train(opts, if resume { Start::Resume } else { Start::Overwrite }, None, on_progress)?;
     Ok(true)
 }
 

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod estimate;
 pub mod loss;
 pub mod network;
 pub mod options;

@@ -18,6 +18,7 @@ use tch::Device;
 pub use super::checkpoint::EpochLog;
 use super::checkpoint::{self, State};
 use super::data::{datapath_config, read_shard_folder, DataKnobs};
+use super::estimate::{Estimate, StepTimer};
 use super::schedule::{lambda_at, LrState};
 use super::supervisor::{RoundError, Trainers};
 use super::trainer::{injected, Cancel, Command, Reply, StepPhases, TrainerSetup};
@@ -147,14 +148,22 @@ fn check_patch(patch: [usize; 3], strides: &[Vec<usize>]) -> Result<()> {
     Ok(())
 }
 
+/// What a training run tells while it runs, in this order: the estimate (once, a few
+/// steps into the first epoch this invocation trains), then each epoch's log.
+pub enum Progress<'a> {
+    Estimate(&'a Estimate),
+    Epoch(&'a EpochLog),
+}
+
 /// Trains (or resumes, or overwrites). `steps_done`, when given, counts the first
 /// trainer's steps (for progress bars).
 pub fn train(
     opts: &TrainOptions,
     start: Start,
     steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
-    mut on_epoch: impl FnMut(&EpochLog),
+    mut on_progress: impl FnMut(Progress<'_>),
 ) -> Result<Vec<EpochLog>> {
+    let started = Instant::now();
     opts.check()?;
     let run = &opts.run_dir;
     std::fs::create_dir_all(run.join("checkpoints")).map_err(|e| Error::io(run, e))?;
@@ -200,6 +209,8 @@ pub fn train(
         tch::set_num_threads(n as i32);
     }
     let cancel = Arc::new(Cancel::default());
+    // The first trainer's steps are counted for the estimate, whether or not the caller counts them.
+    let steps_done = steps_done.unwrap_or_default();
     let setup = |index: usize, device: Device| TrainerSetup {
         index,
         spec: spec.clone(),
@@ -216,10 +227,11 @@ pub fn train(
         exchange: None,
         cancel: cancel.clone(),
         timeout: std::time::Duration::from_secs(opts.timeout_seconds),
-        steps_done: if index == 0 { steps_done.clone() } else { None },
+        steps_done: (index == 0).then(|| steps_done.clone()),
     };
     let trainers = Trainers::start(&devices, cancel.clone(), setup).map_err(|e| Error::invalid(run, e.to_string()))?;
-    let result = epochs(opts, &plans, &trainers, previous, patch, &train_ids, &val_ids, &mut on_epoch);
+    let timing = Timing { started, steps_done: &steps_done };
+    let result = epochs(opts, &plans, &trainers, previous, patch, &train_ids, &val_ids, timing, &mut on_progress);
     trainers.shutdown();
     let logs = result?;
     if opts.final_validation && !val_ids.is_empty() && run.join("final.json").exists() {
@@ -241,6 +253,12 @@ fn data_knobs(opts: &TrainOptions, patch: [usize; 3], consumers: usize) -> DataK
     }
 }
 
+/// When training started and the first trainer's step counter: what the estimate reads.
+struct Timing<'a> {
+    started: Instant,
+    steps_done: &'a std::sync::atomic::AtomicUsize,
+}
+
 /// The epoch loop, from the checkpoint's epoch (if any) to the plan's last.
 #[allow(clippy::too_many_arguments)]
 fn epochs(
@@ -251,7 +269,8 @@ fn epochs(
     patch: [usize; 3],
     train_ids: &[String],
     val_ids: &[String],
-    on_epoch: &mut impl FnMut(&EpochLog),
+    timing: Timing<'_>,
+    on_progress: &mut impl FnMut(Progress<'_>),
 ) -> Result<Vec<EpochLog>> {
     let run = &opts.run_dir;
     let fail = |e: RoundError| Error::invalid(run, e.to_string());
@@ -267,6 +286,19 @@ fn epochs(
     }
     let mut knobs = data_knobs(opts, patch, trainers.len());
     let mut logs = Vec::new();
+    let count = || timing.steps_done.load(std::sync::atomic::Ordering::Relaxed);
+    let steps_per_epoch = plans.cps.iterations_per_epoch;
+    let mut step_timer = StepTimer::new(timing.started, count(), steps_per_epoch);
+    let epochs_here = plans.cps.epochs.saturating_sub(first_epoch);
+    // Validation: forward passes over the labeled samples of `val_iterations` batches, a
+    // third of a training step's cost per sample.
+    let validation_steps = if val_ids.is_empty() {
+        0.0
+    } else {
+        let (l, u) = (plans.cps.labeled_batch as f64, plans.cps.unlabeled_batch as f64);
+        let u = if opts.supervised_only { 0.0 } else { u };
+        opts.val_iterations as f64 * l / (l + u).max(1.0) / 3.0
+    };
     for epoch in first_epoch..plans.cps.epochs {
         let t_epoch = Instant::now();
         let lr = state.lr.lr_at(plans, epoch);
@@ -290,8 +322,16 @@ fn epochs(
             m.trainer.record_epoch_start(epoch, lr, lambda);
         }
         let steps = plans.cps.iterations_per_epoch;
-        let trained =
-            trainers.round(|i| Command::Train { epoch, steps, lr, lambda, batches: dp.consumer(i) }, Some(&dp));
+        let trained = trainers.round_watching(
+            |i| Command::Train { epoch, steps, lr, lambda, batches: dp.consumer(i) },
+            Some(&dp),
+            || {
+                if let Some(e) = step_timer.poll(count(), epochs_here * steps_per_epoch, epochs_here, validation_steps)
+                {
+                    on_progress(Progress::Estimate(&e));
+                }
+            },
+        );
         if let Some(t) = tuner {
             let decisions = t.stop();
             // The next epoch's data path starts where this one's tuning ended.
@@ -356,7 +396,7 @@ fn epochs(
         if let Err(e) = super::progress::draw(&run.join("progress.png"), &history) {
             tracing::warn!("{}: could not draw: {e}", run.join("progress.png").display());
         }
-        on_epoch(&log);
+        on_progress(Progress::Epoch(&log));
         logs.push(log);
     }
     Ok(logs)

@@ -61,8 +61,19 @@ impl Trainers {
     /// `data` (if any). The first fault cancels the other trainers; its error is returned.
     pub fn round(
         &self,
+        command: impl FnMut(usize) -> Command,
+        data: Option<&DataPath>,
+    ) -> Result<Vec<Reply>, RoundError> {
+        self.round_watching(command, data, || {})
+    }
+
+    /// [`Self::round`], calling `tick` on this thread every poll interval (50 ms) while
+    /// the trainers work.
+    pub fn round_watching(
+        &self,
         mut command: impl FnMut(usize) -> Command,
         data: Option<&DataPath>,
+        mut tick: impl FnMut(),
     ) -> Result<Vec<Reply>, RoundError> {
         for (i, t) in self.handles.iter().enumerate() {
             if t.commands.send(command(i)).is_err() {
@@ -98,6 +109,7 @@ impl Trainers {
                 }
             }
             pending = still;
+            tick();
             if let Some(reason) = data.and_then(|d| d.failure()) {
                 if cause.is_none() {
                     cause = Some(RoundError::DataPath(reason.clone()));
