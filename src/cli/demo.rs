@@ -14,11 +14,45 @@ use super::workflow::{self, stage, DataSource};
 use super::{planning::List, MinMax, Zyx};
 use cps3d::planning::fingerprint::Fingerprint;
 use cps3d::planning::plan::{PlanOverrides, Plans};
-use cps3d::training::run::default_devices;
+use cps3d::training::estimate::Estimate;
+use cps3d::training::run::{default_devices, Progress};
 use cps3d::training::trainer::StepPhases;
 
 /// Names the demo in a failed stage's error.
 const DEMO: &str = "demo";
+
+/// What the README promises for the demo on 2 CPU cores.
+const DEMO_BUDGET_SECONDS: f64 = 300.0;
+
+/// Why a demo on the CPU is expected to run over its budget: what is known about this
+/// machine (native bfloat16, cores, other load measured while the steps were timed).
+fn over_budget_reasons(devices: &[String], cpu_bf16: bool, float32: bool, e: &Estimate) -> Vec<String> {
+    let mut why = Vec::new();
+    if devices.iter().any(|d| d == "cpu") {
+        if float32 {
+            why.push("convolutions in float32 (--float32)".to_string());
+        } else if !cpu_bf16 {
+            why.push(
+                "convolutions in float32: no native bfloat16 here (no AVX512-BF16, or oneDNN capped by ONEDNN_MAX_CPU_ISA)"
+                    .to_string(),
+            );
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores < 2 {
+            why.push(format!("{cores} core: the two trainers share it (the budget is for 2 cores, one each)"));
+        }
+        if let Some(load) = e.other_load_cores.filter(|&l| l > 0.25) {
+            why.push(format!("a loaded machine: other processes (and the hypervisor) took {load:.1} of {cores} cores while the steps were timed"));
+        }
+    }
+    if why.is_empty() {
+        why.push(format!(
+            "slower steps than on the CPUs the README measured ({:.3} s/step here; its table lists them)",
+            e.seconds_per_step
+        ));
+    }
+    why
+}
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -56,6 +90,11 @@ pub struct DemoArgs {
     /// Features per network stage (the paper's network: 32,64,128,256,320,320).
     #[arg(long, default_value = "16,32,64,128")]
     features: List,
+    /// Labeled and unlabeled samples per step (default: the plan's, nnU-Net's rule).
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
+    batch_size: Option<usize>,
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
+    unlabeled_batch: Option<usize>,
     #[arg(long, default_value_t = 50)]
     epochs: usize,
     #[arg(long, default_value_t = 20)]
@@ -131,13 +170,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
             // siblings' argmax labels (background for every organ not learned yet) would
             // hold back all but the largest organs.
             lambda_ramp_epochs: Some(a.lambda_ramp_epochs.unwrap_or(a.epochs)),
+            batch_size: a.batch_size,
+            unlabeled_batch: a.unlabeled_batch,
             ..Default::default()
         };
         let plans = workflow::make_plan(&a.out, &fp, &overrides)?;
         let c = plans.configuration("3d_fullres").context("the plan has no 3d_fullres configuration")?;
         println!(
             "3d_fullres: spacing {:.2?} mm, patch {:?}, batch {} + {} unlabeled, features {:?}, {} parameters per network",
-            c.spacing, c.patch_size, c.batch_size, c.batch_size, c.network.features_per_stage, c.network.parameter_count
+            c.spacing, c.patch_size, plans.cps.labeled_batch, plans.cps.unlabeled_batch, c.network.features_per_stage, c.network.parameter_count
         );
         Ok(plans)
     })?;
@@ -150,9 +191,24 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let cpu_bf16 = workflow::cpu_bf16_for(&devices, a.float32, "  ");
         let opts = workflow::held_out_training(&shards, &run_dir, devices, a.seed, a.augment, cpu_bf16)?;
         let mut phases = Vec::new();
-        let trained = workflow::train_to_end(&opts, |l| {
-            phases.push(l.phases);
-            println!("{}", workflow::epoch_line("", l));
+        let trained = workflow::train_to_end(&opts, |p| match p {
+            Progress::Estimate(e) => {
+                println!("  {e}");
+                let demo_seconds = start.elapsed().as_secs_f64() + e.training_seconds - e.elapsed_seconds;
+                if demo_seconds > DEMO_BUDGET_SECONDS {
+                    let why = over_budget_reasons(&opts.devices, cpu_bf16, a.float32, e);
+                    println!(
+                        "  the demo will take about {:.1} min, over its {:.0}-minute budget: {}",
+                        demo_seconds / 60.0,
+                        DEMO_BUDGET_SECONDS / 60.0,
+                        why.join("; ")
+                    );
+                }
+            }
+            Progress::Epoch(l) => {
+                phases.push(l.phases);
+                println!("{}", workflow::epoch_line("", l));
+            }
         })?;
         if !trained {
             println!("training already finished in {} (delete it to train again)", run_dir.display());

@@ -169,6 +169,12 @@ pub struct PlanArgs {
     /// Switch all training augmentation off (it can also be edited per transform in plans.json).
     #[arg(long)]
     no_augmentation: bool,
+    /// Labeled samples per step, instead of nnU-Net's rule (at least 2).
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
+    batch_size: Option<usize>,
+    /// Unlabeled samples per step (default: as many as labeled, the paper's 2 + 2).
+    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
+    unlabeled_batch: Option<usize>,
 }
 
 pub(crate) fn positive_f64(s: &str) -> Result<f64, String> {
@@ -214,6 +220,8 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         constant_lambda: a.constant_lambda,
         plateau_lr: a.plateau_lr,
         no_augmentation: a.no_augmentation,
+        batch_size: a.batch_size,
+        unlabeled_batch: a.unlabeled_batch,
     };
     let plans = plan(&fp, &o).with_context(|| format!("planning from {}", a.fingerprint.display()))?;
     // A plan whose median case cannot be preprocessed here would abort `preprocess`.

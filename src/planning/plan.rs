@@ -216,6 +216,11 @@ pub struct PlanOverrides {
     pub plateau_lr: bool,
     /// Train without augmentation (ablations, data-path benchmarks).
     pub no_augmentation: bool,
+    /// Labeled samples per step of the trained configuration, instead of nnU-Net's rule
+    /// (at least 2: nnU-Net's foreground oversampling forces the last third of a batch).
+    pub batch_size: Option<usize>,
+    /// Unlabeled samples per step (default: as many as labeled, the paper's 2 + 2).
+    pub unlabeled_batch: Option<usize>,
 }
 
 /// Median spacing, except that a very coarse axis of a dataset with few voxels
@@ -427,12 +432,18 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
         c.network.check(&c.patch_size).map_err(|e| Error::invalid("plans", format!("{name}: {e}")))?;
     }
     let main = if configurations.contains_key("3d_fullres") { "3d_fullres" } else { "2d" };
+    if let Some(b) = overrides.batch_size {
+        if b < MIN_BATCH {
+            return Err(Error::invalid("--batch-size", format!("{b}: at least {MIN_BATCH} labeled samples per step")));
+        }
+        configurations.get_mut(main).expect("present").batch_size = b;
+    }
     let batch = configurations[main].batch_size;
     let epochs = overrides.epochs.unwrap_or(1000);
     let cps = CpsSettings {
         configuration: main.to_string(),
         labeled_batch: batch,
-        unlabeled_batch: batch,
+        unlabeled_batch: overrides.unlabeled_batch.unwrap_or(batch),
         lambda_max: 0.5,
         lambda_schedule: if overrides.constant_lambda {
             LambdaSchedule::Constant
@@ -745,6 +756,17 @@ mod tests {
         assert_eq!(c.batch_size, 2);
         assert_eq!(p.cps.labeled_batch, 2);
         assert_eq!(p.cps.unlabeled_batch, 2);
+    }
+
+    #[test]
+    fn the_batch_can_be_set_and_the_unlabeled_share_apart() {
+        let fp = fingerprint(&[([1.0; 3], [10, 20, 20]); 10]);
+        let o = PlanOverrides { batch_size: Some(3), unlabeled_batch: Some(1), ..Default::default() };
+        let p = plan(&fp, &o).unwrap();
+        assert_eq!(p.configurations["3d_fullres"].batch_size, 3);
+        assert_eq!((p.cps.labeled_batch, p.cps.unlabeled_batch), (3, 1));
+        let e = plan(&fp, &PlanOverrides { batch_size: Some(1), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("--batch-size") && e.contains("at least 2"), "{e}");
     }
 
     #[test]
