@@ -92,6 +92,35 @@ impl StepTimer {
             _ => None,
         }
     }
+
+    /// The estimate from the trainer's own mean step time when the first epoch ended
+    /// before polling could time its steps (steps shorter than the poll interval);
+    /// `None` when it was told already.
+    pub fn from_epoch(
+        &mut self,
+        counter: usize,
+        seconds_per_step: f64,
+        steps: usize,
+        epochs: usize,
+        validation_steps: f64,
+    ) -> Option<Estimate> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        let done_steps = counter.saturating_sub(self.counter_at_start);
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let remaining = steps.saturating_sub(done_steps) as f64 + epochs as f64 * validation_steps;
+        Some(Estimate {
+            steps_timed: done_steps,
+            seconds_per_step,
+            steps,
+            epochs,
+            elapsed_seconds: elapsed,
+            training_seconds: elapsed + remaining * seconds_per_step,
+            other_load_cores: None,
+        })
+    }
 }
 
 /// Busy and steal time of the whole machine, and this process's CPU time, in clock ticks.
@@ -153,6 +182,17 @@ mod tests {
         assert!((e.training_seconds - expected).abs() < 1e-9, "{e:?}");
         assert!(t.poll(20, 100, 5, 1.0).is_none(), "told once");
         assert!(e.to_string().contains("100 steps in 5 epochs"), "{e}");
+    }
+
+    #[test]
+    fn an_epoch_too_short_to_poll_is_estimated_from_its_mean_step() {
+        let mut t = StepTimer::new(Instant::now(), 0, 2);
+        // Both steps done before the first poll: the poll starts the clock, the epoch ends.
+        assert!(t.poll(2, 6, 3, 0.5).is_none());
+        let e = t.from_epoch(2, 0.1, 6, 3, 0.5).expect("an estimate at the end of the first epoch");
+        assert_eq!(e.steps_timed, 2);
+        assert!((e.training_seconds - (e.elapsed_seconds + (4.0 + 1.5) * 0.1)).abs() < 1e-9, "{e:?}");
+        assert!(t.from_epoch(4, 0.1, 6, 3, 0.5).is_none() && t.poll(6, 6, 3, 0.5).is_none(), "told once");
     }
 
     #[test]

@@ -350,6 +350,12 @@ fn epochs(
             .into_iter()
             .filter_map(|r| if let Reply::Trained(s) = r { Some(s) } else { None })
             .collect();
+        let per_step = stats.iter().map(|s| s.step_seconds).fold(0.0, f64::max);
+        if let Some(e) =
+            step_timer.from_epoch(count(), per_step, epochs_here * steps_per_epoch, epochs_here, validation_steps)
+        {
+            on_progress(Progress::Estimate(&e));
+        }
         let dice = validate_epoch(trainers, &opts.shards, val_ids, &knobs, opts.val_iterations, epoch).map_err(
             |e| match e {
                 RoundOrIo::Round(r) => fail(r),
