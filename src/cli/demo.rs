@@ -29,7 +29,7 @@ const DEMO_BUDGET_SECONDS: f64 = 300.0;
 fn over_budget_reasons(devices: &[String], cpu_bf16: bool, float32: bool, e: &Estimate) -> Vec<String> {
     let mut why = Vec::new();
     if devices.iter().any(|d| d == "cpu") {
-        if float32 {
+        if !cpu_bf16 && float32 && cps3d::training::options::cpu_has_native_bf16() {
             why.push("convolutions in float32 (--float32)".to_string());
         } else if !cpu_bf16 {
             why.push(
