@@ -7,7 +7,7 @@
 #
 #   scripts/bench-demo.sh [WORK_DIR] [SEEDS...]     (default /tmp/cps3d-bench-demo, seeds 0 1 2)
 #
-# Extra demo options go in $DEMO_ARGS. Each run's transcript is kept in WORK_DIR/MODE-sSEED.log.
+# Extra demo options go in $DEMO_ARGS; $MODES picks and orders the kinds (default "native avx2"). Each run's transcript is kept in WORK_DIR/MODE-sSEED.log.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-/tmp/cps3d-bench-demo}"
@@ -19,7 +19,7 @@ bin="$repo/target/release/cps3d"
 
 echo "| CPU kernels | seed | demo wall s | training s | s/step | estimate s | mean DSC | organs > 0.5 |"
 echo "|---|---|---|---|---|---|---|---|"
-for mode in native avx2; do
+for mode in ${MODES:-native avx2}; do
   for seed in "${seeds[@]}"; do
     out="$work/$mode-s$seed"
     log="$work/$mode-s$seed.log"

@@ -61,10 +61,11 @@ fn demo_runs_every_stage_on_phantoms_and_resumes() {
     // The expected training time is told before the first epoch's line.
     let estimate = text.find("expected training time on this machine").unwrap_or_else(|| panic!("{text}"));
     assert!(estimate < text.find("epoch   0").unwrap_or_else(|| panic!("{text}")), "{text}");
-    // The short-run recipe: nnU-Net's foreground CT statistics, SGD 0.2 with momentum 0.9.
+    // The short-run recipe: nnU-Net's foreground CT statistics, SGD 0.3 with momentum 0.9, 2 + 1 samples per step.
     let plans = cps3d::planning::plan::Plans::read(&out.join("plans.json")).unwrap();
     assert_eq!(plans.normalization[0].statistics, "foreground");
-    assert_eq!((plans.cps.optimizer.lr, plans.cps.optimizer.momentum), (0.2, 0.9));
+    assert_eq!((plans.cps.optimizer.lr, plans.cps.optimizer.momentum), (0.3, 0.9));
+    assert_eq!((plans.cps.labeled_batch, plans.cps.unlabeled_batch), (2, 1));
     let checkpoints = std::fs::read_dir(out.join("run/checkpoints")).unwrap().count();
 
     // A second run reuses the data, shards and the finished training.

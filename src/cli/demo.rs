@@ -65,43 +65,47 @@ pub struct DemoArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Synthetic labeled training cases.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 20)]
     labeled: usize,
     /// Synthetic unlabeled cases (the CPS term's data).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 20)]
     unlabeled: usize,
     /// Held-out labeled cases to predict and score.
     #[arg(long, default_value_t = 4)]
     test: usize,
     /// Synthetic volume shape Z,Y,X.
-    #[arg(long, default_value = "40,80,80")]
+    #[arg(long, default_value = "40,56,56")]
     shape: Zyx,
     /// Synthetic in-plane spacing range MIN,MAX (mm). The default frames the organs (a
-    /// 270-300 mm field of view, 240-280 mm long at the default shape) so that the small
-    /// ones span a few voxels.
-    #[arg(long, default_value = "3.4,3.8")]
+    /// 275-300 mm field of view, 240-280 mm long at the default shape) at a resolution
+    /// whose steps fit the 5-minute budget in float32 on 2 cores without AVX-512.
+    #[arg(long, default_value = "4.9,5.3")]
     spacing_xy: MinMax,
     /// Synthetic slice spacing range MIN,MAX (mm).
     #[arg(long, default_value = "6,7")]
     spacing_z: MinMax,
     /// Training patch Z,Y,X.
-    #[arg(long, default_value = "16,48,48")]
+    #[arg(long, default_value = "16,32,32")]
     patch: Zyx,
     /// Features per network stage (the paper's network: 32,64,128,256,320,320).
     #[arg(long, default_value = "16,32,64,128")]
     features: List,
-    /// Labeled and unlabeled samples per step (default: the plan's, nnU-Net's rule).
+    /// Labeled samples per step (the paper's 2).
+    #[arg(long, default_value_t = 2, value_parser = super::positive, allow_negative_numbers = true)]
+    batch_size: usize,
+    /// Unlabeled samples per step (the paper's 2; 1 makes a step a quarter cheaper, which
+    /// buys the steps the 5-minute budget needs on CPUs without native bfloat16).
+    #[arg(long, default_value_t = 1, value_parser = super::positive, allow_negative_numbers = true)]
+    unlabeled_batch: usize,
+    /// Epochs of --iterations steps (default: 40 where the convolutions run in float32 on
+    /// the CPU, 80 with native bfloat16 or on GPUs: what fits 5 minutes on 2 cores).
     #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
-    batch_size: Option<usize>,
-    #[arg(long, value_parser = super::positive, allow_negative_numbers = true)]
-    unlabeled_batch: Option<usize>,
-    #[arg(long, default_value_t = 50)]
-    epochs: usize,
+    epochs: Option<usize>,
     #[arg(long, default_value_t = 20)]
     iterations: usize,
     /// SGD's learning rate and momentum. nnU-Net's 0.01 and 0.99 need thousands of steps:
-    /// momentum 0.99 takes ~100 steps to build up; 0.2 and 0.9 learn most organs in hundreds.
-    #[arg(long, default_value_t = 0.2, value_parser = super::planning::positive_f64, allow_negative_numbers = true)]
+    /// momentum 0.99 takes ~100 steps to build up; 0.3 and 0.9 learn most organs in hundreds.
+    #[arg(long, default_value_t = 0.3, value_parser = super::planning::positive_f64, allow_negative_numbers = true)]
     lr: f64,
     #[arg(long, default_value_t = 0.9, value_parser = super::planning::momentum, allow_negative_numbers = true)]
     momentum: f64,
@@ -156,11 +160,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
         bail!("no held-out cases to evaluate (use --test N with N ≥ 1)");
     }
     let fp: Fingerprint = stage(DEMO, "fingerprint", || workflow::fingerprint(&a.out, &dataset, a.workers))?;
+    let devices = a.devices.clone().unwrap_or_else(default_devices);
+    let cpu_bf16 = workflow::cpu_bf16_for(&devices, a.float32, "");
+    let float32_on_cpu = devices.iter().any(|d| d == "cpu") && !cpu_bf16;
+    // Twice the steps where they are cheap enough to fit the same budget.
+    let epochs = a.epochs.unwrap_or(if float32_on_cpu { 40 } else { 80 });
     let plans: Plans = stage(DEMO, "plan", || {
         let overrides = PlanOverrides {
             patch_size_3d: Some(a.patch.0),
             features_3d: Some(a.features.0.clone()),
-            epochs: Some(a.epochs),
+            epochs: Some(epochs),
             iterations_per_epoch: Some(a.iterations),
             lr: Some(a.lr),
             momentum: Some(a.momentum),
@@ -169,9 +178,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
             // λ ramps over the whole short run: at full weight from the first epochs, the
             // siblings' argmax labels (background for every organ not learned yet) would
             // hold back all but the largest organs.
-            lambda_ramp_epochs: Some(a.lambda_ramp_epochs.unwrap_or(a.epochs)),
-            batch_size: a.batch_size,
-            unlabeled_batch: a.unlabeled_batch,
+            lambda_ramp_epochs: Some(a.lambda_ramp_epochs.unwrap_or(epochs)),
+            batch_size: Some(a.batch_size),
+            unlabeled_batch: Some(a.unlabeled_batch),
             ..Default::default()
         };
         let plans = workflow::make_plan(&a.out, &fp, &overrides)?;
@@ -186,10 +195,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     stage(DEMO, "preprocess", || workflow::preprocess(&dataset, &plans, &shards, "3d_fullres", a.workers))?;
     let run_dir = a.out.join("run");
     stage(DEMO, "train", || {
-        let devices = a.devices.clone().unwrap_or_else(default_devices);
         // The demo scores its own held-out cases below: train on every labeled case.
-        let cpu_bf16 = workflow::cpu_bf16_for(&devices, a.float32, "  ");
-        let opts = workflow::held_out_training(&shards, &run_dir, devices, a.seed, a.augment, cpu_bf16)?;
+        let opts = workflow::held_out_training(&shards, &run_dir, devices.clone(), a.seed, a.augment, cpu_bf16)?;
         let mut phases = Vec::new();
         let trained = workflow::train_to_end(&opts, |p| match p {
             Progress::Estimate(e) => {
@@ -230,7 +237,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!("{summary}");
     println!(
         "({} CPS steps: networks learn the large organs first; small ones need thousands of steps, e.g. --epochs 200 on a GPU)",
-        a.epochs * a.iterations
+        epochs * a.iterations
     );
     println!("pictures: prediction beside reference, axial, coronal and sagittal slices through the organs:");
     for p in &previews {

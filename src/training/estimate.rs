@@ -96,7 +96,7 @@ impl StepTimer {
     /// The estimate from the trainer's own mean step time when the first epoch ended
     /// before polling could time its steps (steps shorter than the poll interval);
     /// `None` when it was told already.
-    pub fn from_epoch(
+    pub fn at_epoch_end(
         &mut self,
         counter: usize,
         seconds_per_step: f64,
@@ -189,10 +189,10 @@ mod tests {
         let mut t = StepTimer::new(Instant::now(), 0, 2);
         // Both steps done before the first poll: the poll starts the clock, the epoch ends.
         assert!(t.poll(2, 6, 3, 0.5).is_none());
-        let e = t.from_epoch(2, 0.1, 6, 3, 0.5).expect("an estimate at the end of the first epoch");
+        let e = t.at_epoch_end(2, 0.1, 6, 3, 0.5).expect("an estimate at the end of the first epoch");
         assert_eq!(e.steps_timed, 2);
         assert!((e.training_seconds - (e.elapsed_seconds + (4.0 + 1.5) * 0.1)).abs() < 1e-9, "{e:?}");
-        assert!(t.from_epoch(4, 0.1, 6, 3, 0.5).is_none() && t.poll(6, 6, 3, 0.5).is_none(), "told once");
+        assert!(t.at_epoch_end(4, 0.1, 6, 3, 0.5).is_none() && t.poll(6, 6, 3, 0.5).is_none(), "told once");
     }
 
     #[test]

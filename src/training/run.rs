@@ -352,7 +352,7 @@ fn epochs(
             .collect();
         let per_step = stats.iter().map(|s| s.step_seconds).fold(0.0, f64::max);
         if let Some(e) =
-            step_timer.from_epoch(count(), per_step, epochs_here * steps_per_epoch, epochs_here, validation_steps)
+            step_timer.at_epoch_end(count(), per_step, epochs_here * steps_per_epoch, epochs_here, validation_steps)
         {
             on_progress(Progress::Estimate(&e));
         }
