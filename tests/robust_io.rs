@@ -406,3 +406,84 @@ fn verify_checks_shards_against_the_manifest_and_the_plan() {
     assert!(!ok, "{text}");
     assert!(text.contains("plans.json: configuration 3d_fullres has spacing [9.0, 9.0, 9.0]"), "{text}");
 }
+
+/// A label map with distinct values everywhere, written by the project's writer.
+fn distinct_labels(path: &Path) -> ndarray::Array3<u8> {
+    let g = Geometry::new_with_layout([4, 5, 6], [2.0, 1.0, 1.0], [0.0; 3], true);
+    let data = ndarray::Array3::<u8>::from_shape_fn([4, 5, 6], |(z, y, x)| (z * 30 + y * 6 + x) as u8);
+    io::write_volume(path, data.view(), &g).unwrap();
+    io::read_labels(path).unwrap().data
+}
+
+/// The uncompressed bytes of a `.nii` or `.nii.gz` file, and writing them back the same way.
+fn nifti_bytes(path: &Path) -> Vec<u8> {
+    let raw = std::fs::read(path).unwrap();
+    if !s(path).ends_with(".gz") {
+        return raw;
+    }
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
+fn write_nifti_bytes(path: &Path, bytes: &[u8]) {
+    if s(path).ends_with(".gz") {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).unwrap();
+        std::fs::write(path, enc.finish().unwrap()).unwrap();
+    } else {
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+#[test]
+fn voxels_are_read_from_vox_offset_past_padding_and_an_offset_past_the_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["padded.nii", "padded.nii.gz"] {
+        let path = dir.path().join(name);
+        let expected = distinct_labels(&path);
+        // Valid NIfTI-1 (nibabel reads it): 48 bytes of padding after the 4-byte extension
+        // flag (0: no extension), the data from byte 400.
+        let bytes = nifti_bytes(&path);
+        let voxel_start = f32::from_le_bytes(bytes[VOX_OFFSET..VOX_OFFSET + 4].try_into().unwrap()) as usize;
+        let mut padded = bytes[..voxel_start].to_vec();
+        padded.resize(400, 0);
+        put_f32(&mut padded, VOX_OFFSET, 400.0);
+        padded.extend_from_slice(&bytes[voxel_start..]);
+        write_nifti_bytes(&path, &padded);
+        let read = io::read_labels(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(read.data, expected, "{name}: voxels must be read from vox_offset 400");
+
+        // An offset whose voxels would run past the end of the data.
+        put_f32(&mut padded, VOX_OFFSET, 4000.0);
+        write_nifti_bytes(&path, &padded);
+        let e = io::read_labels(&path).unwrap_err().to_string();
+        // .nii: the header check sees the file's length; .nii.gz: the reader, at the end of the stream.
+        let why = if name.ends_with(".gz") { "past the end of the data" } else { "file is truncated" };
+        assert!(e.contains(name) && e.contains(why) && e.contains("4000"), "{e}");
+    }
+}
+
+#[test]
+fn a_gzip_stream_whose_crc_does_not_match_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels.nii.gz");
+    distinct_labels(&path);
+    // The stored CRC32 (the trailer's first 4 bytes) no longer matches the data: gzip -t
+    // fails, and so must the reader, which otherwise stops after the voxel bytes.
+    let mut raw = std::fs::read(&path).unwrap();
+    let crc = raw.len() - 8;
+    raw[crc] ^= 0x01;
+    std::fs::write(&path, &raw).unwrap();
+    let e = io::read_labels(&path).unwrap_err().to_string();
+    assert!(e.contains("labels.nii.gz") && e.contains("corrupt gzip stream"), "{e}");
+    // A wrong length in the trailer is found the same way.
+    let bad_member = dir.path().join("two_members.nii.gz");
+    distinct_labels(&bad_member);
+    let mut raw = std::fs::read(&bad_member).unwrap();
+    let isize_at = raw.len() - 4;
+    raw[isize_at] ^= 0x10; // the length field of the trailer
+    std::fs::write(&bad_member, &raw).unwrap();
+    let e = io::read_labels(&bad_member).unwrap_err().to_string();
+    assert!(e.contains("two_members.nii.gz") && e.contains("corrupt gzip stream"), "{e}");
+}

@@ -275,11 +275,60 @@ fn validate_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<()> {
     Ok(())
 }
 
+/// The voxel bytes of a single-file NIfTI (`n+1`), read as nibabel reads them: from
+/// `vox_offset` (352 when 0), whatever lies between the header and it (extensions or
+/// padding), and for `.nii.gz` every gzip member to its end, so that each member's CRC32
+/// and length are checked. Returns the header found in the file and the voxel bytes.
+fn read_single_file_voxels(path: &Path, voxel_bytes: usize) -> Result<(NiftiHeader, Vec<u8>)> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::nifti(path, nifti::NiftiError::Io(e)))?;
+    let mut bytes = Vec::new();
+    if path.to_string_lossy().ends_with(".gz") {
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)).read_to_end(&mut bytes).map_err(
+            |e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::nifti(path, nifti::NiftiError::Io(e)),
+                _ => Error::invalid(path, format!("corrupt gzip stream ({e}): the file is damaged")),
+            },
+        )?;
+    } else {
+        std::io::BufReader::new(file)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::nifti(path, nifti::NiftiError::Io(e)))?;
+    }
+    let header = NiftiHeader::from_reader(&bytes[..]).map_err(|e| Error::nifti(path, e))?;
+    let offset = if header.vox_offset == 0.0 { 352 } else { header.vox_offset as usize };
+    let end = offset.saturating_add(voxel_bytes);
+    if end > bytes.len() {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "vox_offset {offset} + {voxel_bytes} voxel bytes ends at byte {end}, past the end of the data ({} bytes{})",
+                bytes.len(),
+                if path.to_string_lossy().ends_with(".gz") { " uncompressed" } else { "" }
+            ),
+        ));
+    }
+    bytes.truncate(end);
+    bytes.drain(..offset);
+    Ok((header, bytes))
+}
+
 fn read_file_order_f32(path: &Path) -> Result<(Array3<f32>, Geometry)> {
     let geometry = read_header(path)?;
-    let obj = guarded(path, || ReaderOptions::new().read_file(path).map_err(|e| Error::nifti(path, e)))?;
+    let obj = if &geometry.header.magic == b"n+1\0" {
+        let voxel_bytes: usize =
+            geometry.header.dim[1..=geometry.header.dim[0] as usize].iter().map(|&d| d as usize).product::<usize>()
+                * geometry.header.data_type().map_or(1, |t| t.size_of());
+        let (header, raw) = read_single_file_voxels(path, voxel_bytes)?;
+        let volume =
+            guarded(path, || nifti::InMemNiftiVolume::from_raw_data(&header, raw).map_err(|e| Error::nifti(path, e)))?;
+        (header, volume)
+    } else {
+        let obj = guarded(path, || ReaderOptions::new().read_file(path).map_err(|e| Error::nifti(path, e)))?;
+        (obj.header().clone(), obj.into_volume())
+    };
     // The header read again with the data must be the one validated (the file may have changed).
-    let (a, b) = (obj.header(), &geometry.header);
+    let (a, b) = (&obj.0, &geometry.header);
     let same = a.dim == b.dim
         && a.datatype == b.datatype
         && a.bitpix == b.bitpix
@@ -289,7 +338,7 @@ fn read_file_order_f32(path: &Path) -> Result<(Array3<f32>, Geometry)> {
     if !same {
         return Err(Error::invalid(path, "the header changed while the file was read"));
     }
-    let data = guarded(path, || obj.into_volume().into_ndarray::<f32>().map_err(|e| Error::nifti(path, e)))?;
+    let data = guarded(path, || obj.1.into_ndarray::<f32>().map_err(|e| Error::nifti(path, e)))?;
     let n: usize = geometry.file_shape.iter().product();
     if data.len() != n {
         return Err(Error::invalid(path, format!("holds {} voxels, the header says {n}", data.len())));
