@@ -416,3 +416,19 @@ fn the_expected_training_time_is_told_before_the_first_epoch_and_holds_within_2x
     eprintln!("estimated {:.2} s before the first epoch, trained in {measured:.2} s", e.training_seconds);
     assert!((0.5..=2.0).contains(&ratio), "estimated {:.2} s, measured {measured:.2} s ({e:?})", e.training_seconds);
 }
+
+#[test]
+fn resuming_a_run_whose_checkpoints_are_gone_is_refused_and_its_log_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = common::tiny_shards(tmp.path());
+    let run_dir = tmp.path().join("run");
+    train(&options(&shards, &run_dir, 1, 2), Start::New, None, |_| {}).unwrap();
+    let log = std::fs::read_to_string(run_dir.join("log.jsonl")).unwrap();
+    for f in ["latest.json", "best.json", "final.json"] {
+        let _ = std::fs::remove_file(run_dir.join(f));
+    }
+    std::fs::remove_dir_all(run_dir.join("checkpoints")).unwrap();
+    let e = train(&options(&shards, &run_dir, 2, 2), Start::Resume, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("no checkpoint to resume from") && e.contains("1 epoch(s)") && e.contains("--overwrite"), "{e}");
+    assert_eq!(std::fs::read_to_string(run_dir.join("log.jsonl")).unwrap(), log, "the log is left as it was");
+}

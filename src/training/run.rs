@@ -171,6 +171,19 @@ pub fn train(
     // Training reads the shards; a preprocess rewriting them must wait.
     let _shard_lock = FolderLock::shared(&opts.shards, "reading the shards")?;
     let previous = if start == Start::Resume { checkpoint::latest(run)? } else { None };
+    if start == Start::Resume && previous.is_none() {
+        // Starting again would append epochs 0, 1, … to a log that already has them.
+        let logged = read_log(&run.join("log.jsonl")).len();
+        if logged > 0 {
+            return Err(Error::invalid(
+                run,
+                format!(
+                    "--resume: log.jsonl has {logged} epoch(s) but there is no checkpoint to resume from (latest.json \
+                     and checkpoints/ are gone); start again with --overwrite"
+                ),
+            ));
+        }
+    }
     if start == Start::New && checkpoint::has_results(run) {
         return Err(Error::invalid(
             run,
