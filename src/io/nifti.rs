@@ -214,6 +214,19 @@ const MAX_GZIP_RATIO: u64 = 1032;
 /// Checks what the nifti crate trusts (it panics or over-allocates otherwise): dimensions,
 /// datatype and bitpix agreeing, the data offset, the size against the file's length, and
 /// finite intensity scaling. `file_len` is the length on disk.
+/// Where a single file's voxels start: `vox_offset`, or right after the header when it is
+/// 0 (a common "unset"), as nibabel reads it.
+fn data_offset(h: &NiftiHeader) -> u64 {
+    (h.vox_offset as u64).max(352)
+}
+
+/// The voxel bytes the header's dimensions and datatype describe (`None`: they overflow).
+fn voxel_bytes(h: &NiftiHeader) -> Option<u64> {
+    let ndim = (h.dim[0] as usize).clamp(1, 7);
+    let voxels = h.dim[1..=ndim].iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    voxels.and_then(|n| n.checked_mul(h.data_type().ok()?.size_of() as u64))
+}
+
 fn validate_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<()> {
     let bad = |m: String| Err(Error::invalid(path, m));
     let raw_dim = h.dim;
@@ -251,9 +264,8 @@ fn validate_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<()> {
     if single_file && !offset_ok {
         return bad(format!("vox_offset {}: voxel data must start at or after the 352-byte header", h.vox_offset));
     }
-    let offset = (h.vox_offset as u64).max(352);
-    let voxels = raw_dim[1..=ndim as usize].iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
-    let Some(bytes) = voxels.and_then(|n| n.checked_mul(datatype.size_of() as u64)) else {
+    let offset = data_offset(h);
+    let Some(bytes) = voxel_bytes(h) else {
         return bad(format!("dim {:?} is too large", &raw_dim[1..=ndim as usize]));
     };
     let gz = path.to_string_lossy().ends_with(".gz");
@@ -283,7 +295,8 @@ fn read_single_file_voxels(path: &Path, voxel_bytes: usize) -> Result<(NiftiHead
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| Error::nifti(path, nifti::NiftiError::Io(e)))?;
     let mut bytes = Vec::new();
-    if path.to_string_lossy().ends_with(".gz") {
+    let gz = path.to_string_lossy().ends_with(".gz");
+    if gz {
         flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)).read_to_end(&mut bytes).map_err(
             |e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => Error::nifti(path, nifti::NiftiError::Io(e)),
@@ -296,7 +309,7 @@ fn read_single_file_voxels(path: &Path, voxel_bytes: usize) -> Result<(NiftiHead
             .map_err(|e| Error::nifti(path, nifti::NiftiError::Io(e)))?;
     }
     let header = NiftiHeader::from_reader(&bytes[..]).map_err(|e| Error::nifti(path, e))?;
-    let offset = if header.vox_offset == 0.0 { 352 } else { header.vox_offset as usize };
+    let offset = data_offset(&header) as usize;
     let end = offset.saturating_add(voxel_bytes);
     if end > bytes.len() {
         return Err(Error::invalid(
@@ -304,7 +317,7 @@ fn read_single_file_voxels(path: &Path, voxel_bytes: usize) -> Result<(NiftiHead
             format!(
                 "vox_offset {offset} + {voxel_bytes} voxel bytes ends at byte {end}, past the end of the data ({} bytes{})",
                 bytes.len(),
-                if path.to_string_lossy().ends_with(".gz") { " uncompressed" } else { "" }
+                if gz { " uncompressed" } else { "" }
             ),
         ));
     }
@@ -316,10 +329,9 @@ fn read_single_file_voxels(path: &Path, voxel_bytes: usize) -> Result<(NiftiHead
 fn read_file_order_f32(path: &Path) -> Result<(Array3<f32>, Geometry)> {
     let geometry = read_header(path)?;
     let obj = if &geometry.header.magic == b"n+1\0" {
-        let voxel_bytes: usize =
-            geometry.header.dim[1..=geometry.header.dim[0] as usize].iter().map(|&d| d as usize).product::<usize>()
-                * geometry.header.data_type().map_or(1, |t| t.size_of());
-        let (header, raw) = read_single_file_voxels(path, voxel_bytes)?;
+        // Validated by read_header: the size does not overflow.
+        let bytes = voxel_bytes(&geometry.header).unwrap_or(0) as usize;
+        let (header, raw) = read_single_file_voxels(path, bytes)?;
         let volume =
             guarded(path, || nifti::InMemNiftiVolume::from_raw_data(&header, raw).map_err(|e| Error::nifti(path, e)))?;
         (header, volume)

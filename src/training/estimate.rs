@@ -76,18 +76,9 @@ impl StepTimer {
                 let now = Instant::now();
                 let timed = done_steps - first;
                 let per_step = (now - at).as_secs_f64() / timed as f64;
-                let elapsed = (now - self.start).as_secs_f64();
-                let remaining = steps.saturating_sub(done_steps) as f64 + epochs as f64 * validation_steps;
-                let other_load_cores = cpu.zip(CpuTimes::read()).map(|(a, b)| b.others_since(&a, now - at));
-                Some(Estimate {
-                    steps_timed: timed,
-                    seconds_per_step: per_step,
-                    steps,
-                    epochs,
-                    elapsed_seconds: elapsed,
-                    training_seconds: elapsed + remaining * per_step,
-                    other_load_cores,
-                })
+                let mut e = self.extrapolate(done_steps, timed, per_step, steps, epochs, validation_steps);
+                e.other_load_cores = cpu.zip(CpuTimes::read()).map(|(a, b)| b.others_since(&a, now - at));
+                Some(e)
             }
             _ => None,
         }
@@ -109,17 +100,30 @@ impl StepTimer {
         }
         self.done = true;
         let done_steps = counter.saturating_sub(self.counter_at_start);
+        Some(self.extrapolate(done_steps, done_steps, seconds_per_step, steps, epochs, validation_steps))
+    }
+
+    /// The elapsed time plus the remaining steps and validations at `per_step`.
+    fn extrapolate(
+        &self,
+        done_steps: usize,
+        steps_timed: usize,
+        per_step: f64,
+        steps: usize,
+        epochs: usize,
+        validation_steps: f64,
+    ) -> Estimate {
         let elapsed = self.start.elapsed().as_secs_f64();
         let remaining = steps.saturating_sub(done_steps) as f64 + epochs as f64 * validation_steps;
-        Some(Estimate {
-            steps_timed: done_steps,
-            seconds_per_step,
+        Estimate {
+            steps_timed,
+            seconds_per_step: per_step,
             steps,
             epochs,
             elapsed_seconds: elapsed,
-            training_seconds: elapsed + remaining * seconds_per_step,
+            training_seconds: elapsed + remaining * per_step,
             other_load_cores: None,
-        })
+        }
     }
 }
 
