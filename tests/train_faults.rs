@@ -273,3 +273,75 @@ fn several_batchers_keep_the_siblings_on_the_same_batches() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert_eq!(logged_epochs(&run), [0, 1]);
 }
+
+/// Sets one element of the first `model.` tensor of a checkpoint file to NaN; its name.
+fn poison_checkpoint(file: &Path) -> String {
+    let tensors = tch::Tensor::read_safetensors(file).unwrap();
+    let (name, t) = tensors.iter().find(|(n, _)| n.starts_with("model.")).unwrap();
+    let _ = t.view(-1).get(3).fill_(f64::NAN);
+    tch::Tensor::write_safetensors(&tensors, file).unwrap();
+    name.clone()
+}
+
+#[test]
+fn non_finite_numbers_stop_training_and_are_never_saved_or_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sh = common::tiny_shards(tmp.path());
+    // A learning rate that explodes: the first non-finite step stops the run, naming
+    // sibling, epoch, step and cause, before any weight or checkpoint holds it.
+    let wild = tmp.path().join("shards_wild_lr");
+    common::copy_dir(&sh, &wild);
+    let plans_file = wild.join("plans.json");
+    let mut plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plans_file).unwrap()).unwrap();
+    plans["cps"]["optimizer"]["lr"] = serde_json::json!(1e12);
+    std::fs::write(&plans_file, plans.to_string()).unwrap();
+    let run = tmp.path().join("run_wild");
+    let (o, took) = run_guarded(&train_args(&wild, &run, "2"), None, Duration::from_secs(90));
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success(), "{text}");
+    for e in ["non-finite numbers", "epoch 0 step", "the step diverged", "lower learning rate", "not applied"] {
+        assert!(text.contains(e), "missing {e:?} in\n{text}");
+    }
+    assert!(text.contains("sibling 0 (cpu)") || text.contains("sibling 1 (cpu)"), "{text}");
+    assert!(!text.contains("loss [NaN"), "{text}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert_eq!(latest_epoch(&run), None);
+    assert_eq!(logged_epochs(&run), Vec::<u64>::new());
+
+    // A NaN weight in a checkpoint: resume, predict and export refuse it, naming the tensor.
+    let run = tmp.path().join("run");
+    let mut args = train_args(&sh, &run, "1");
+    args.extend(["--fold", "all"]);
+    let (o, _) = run_guarded(&args, None, Duration::from_secs(90));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let name = poison_checkpoint(&run.join("checkpoints/epoch_0000/net1.safetensors"));
+    let log_before = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let (o, _) =
+        run_guarded(&["train", "--resume", run.to_str().unwrap(), "--epochs", "2"], None, Duration::from_secs(90));
+    let text = stderr(&o);
+    assert!(!o.status.success(), "{}{text}", stdout(&o));
+    assert!(
+        text.contains(&format!("tensor {name} holds 1 non-finite value")) && text.contains("net1.safetensors"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read_to_string(run.join("log.jsonl")).unwrap(), log_before, "the log is kept");
+    assert_eq!(latest_epoch(&run), Some(0));
+    let image = tmp.path().join("raw/imagesTr/phantom_0000_0000.nii.gz");
+    let pred = tmp.path().join("pred");
+    let (o, _) = run_guarded(
+        &["predict", "-i", image.to_str().unwrap(), "-o", pred.to_str().unwrap(), "-m", run.to_str().unwrap()],
+        None,
+        Duration::from_secs(90),
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stderr(&o).contains(&format!("tensor {name} holds 1 non-finite value")), "{}", stderr(&o));
+    assert!(!pred.join("phantom_0000.nii.gz").exists());
+    let exported = tmp.path().join("exported");
+    let (o, _) = run_guarded(
+        &["export", run.to_str().unwrap(), "-o", exported.to_str().unwrap()],
+        None,
+        Duration::from_secs(90),
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stderr(&o).contains(&format!("tensor {name} holds 1 non-finite value")), "{}", stderr(&o));
+}

@@ -398,7 +398,7 @@ fn load_network(
 ) -> Result<(nn::VarStore, UNet)> {
     let vs = nn::VarStore::new(device);
     let net = UNet::new(&vs.root(), spec);
-    let loaded = Tensor::read_safetensors(path).map_err(|e| Error::invalid(path, e.to_string()))?;
+    let loaded = crate::training::checkpoint::read_finite_tensors(path).map_err(|e| Error::invalid(path, e))?;
     let vars = vs.variables();
     let mut n = 0;
     for (name, t) in loaded {

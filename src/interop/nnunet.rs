@@ -209,7 +209,7 @@ pub fn export_model_folder(checkpoint: &Path, out: &Path) -> Result<usize> {
         if !src.exists() {
             continue;
         }
-        let tensors = tch::Tensor::read_safetensors(&src).map_err(|e| Error::invalid(&src, e.to_string()))?;
+        let tensors = crate::training::checkpoint::read_finite_tensors(&src).map_err(|e| Error::invalid(&src, e))?;
         let mut ours: BTreeMap<String, (Vec<usize>, Arc<Vec<f32>>)> = BTreeMap::new();
         for (name, t) in tensors {
             // Weights only: not the optimizer's or the loss scaler's state.

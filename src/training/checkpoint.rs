@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
 
 use super::options::TrainOptions;
 use super::schedule::LrState;
@@ -290,5 +291,54 @@ mod tests {
         state.extend(serde_json::to_value(lr).unwrap().as_object().unwrap().clone());
         let s: State = serde_json::from_value(serde_json::Value::Object(state)).unwrap();
         assert!(s.ema.is_nan() && s.lr.plateau_best.is_nan() && s.log.unwrap().pseudo_dice[0][1].is_nan());
+    }
+}
+
+/// Reads a safetensors file of weights, refusing one that holds a NaN or an infinity
+/// (naming the tensor): such weights would train on, or predict, nonsense with exit 0.
+pub fn read_finite_tensors(path: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    let tensors = Tensor::read_safetensors(path).map_err(|e| e.to_string())?;
+    match first_non_finite(&tensors) {
+        Some(bad) => Err(format!("{bad}: these weights are unusable (an earlier checkpoint is not)")),
+        None => Ok(tensors),
+    }
+}
+
+/// The first floating-point tensor holding a NaN or an infinity, said with how many, or
+/// None when all are finite. One host sync for all of them (they share a device).
+pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Option<String> {
+    let floats: Vec<&(String, Tensor)> = tensors.iter().filter(|(_, t)| t.is_floating_point()).collect();
+    if floats.is_empty() {
+        return None;
+    }
+    let counts: Vec<Tensor> = floats.iter().map(|(_, t)| t.isfinite().logical_not().sum(Kind::Int64)).collect();
+    let counts = Tensor::stack(&counts, 0).to_device(tch::Device::Cpu);
+    let counts = Vec::<i64>::try_from(&counts).unwrap_or_default();
+    floats.iter().zip(counts).find(|(_, n)| *n > 0).map(|((name, t), n)| {
+        let total = t.numel();
+        let first = t.flatten(0, -1).isfinite().logical_not().nonzero().int64_value(&[0, 0]);
+        let value = t.flatten(0, -1).double_value(&[first]);
+        format!(
+            "tensor {name} holds {n} non-finite value{} of {total} (element {first} is {value})",
+            if n == 1 { "" } else { "s" }
+        )
+    })
+}
+
+#[cfg(test)]
+mod finite_tests {
+    use super::*;
+
+    #[test]
+    fn the_first_non_finite_tensor_is_named_with_its_count_and_first_element() {
+        let ok = Tensor::from_slice(&[1.0f32, 2.0]);
+        let bad = Tensor::from_slice(&[0.0f32, f32::NAN, f32::INFINITY, 3.0]);
+        let ints = Tensor::from_slice(&[7i64]);
+        let all = vec![("a".to_string(), ok.shallow_clone()), ("i".into(), ints), ("b".into(), bad)];
+        let m = first_non_finite(&all).expect("b is not finite");
+        assert!(m.contains("tensor b holds 2 non-finite values of 4 (element 1 is NaN)"), "{m}");
+        assert_eq!(first_non_finite(&all[..2]), None);
+        let inf = vec![("c".to_string(), Tensor::from_slice(&[f64::NEG_INFINITY]))];
+        assert!(first_non_finite(&inf).unwrap().contains("1 non-finite value of 1 (element 0 is -inf)"));
     }
 }

@@ -491,7 +491,7 @@ fn validate_epoch(
 
 /// Loads the network weights of a checkpoint file (for tests and export checks).
 pub fn checkpoint_tensors(path: &Path) -> Result<Vec<(String, tch::Tensor)>> {
-    tch::Tensor::read_safetensors(path).map_err(|e| Error::invalid(path, e.to_string()))
+    checkpoint::read_finite_tensors(path).map_err(|e| Error::invalid(path, e))
 }
 
 #[cfg(test)]

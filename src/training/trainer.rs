@@ -73,6 +73,8 @@ pub enum Fault {
     Start(String),
     #[error("{0}")]
     Injected(String),
+    #[error("non-finite numbers: {0}")]
+    NonFinite(String),
     #[error("stopped: {0}")]
     Cancelled(String),
 }
@@ -513,6 +515,7 @@ impl TrainerState {
                     tch::autocast(amp, || first.backward(&self.net));
                 }
             };
+            let scale_before = self.scaler.scale;
             let (norm, stepped) = if amp {
                 (&total_loss * self.scaler.scale).backward();
                 finish_first_stage();
@@ -525,12 +528,26 @@ impl TrainerState {
                 (clip_grad_norm(&self.vs, self.setup.grad_clip), true)
             };
             lap(&mut phases.backward);
+            // Checked before the update, on values the host has anyway: a non-finite step
+            // never reaches the weights, so the last checkpoint stays good.
+            let loss_value = total_loss.double_value(&[]);
+            let diverged = if amp {
+                // fp16 overflows are skipped (as PyTorch's GradScaler does) until the scale
+                // is at its floor: then it is the network, not the scale.
+                !stepped && scale_before <= 1.0
+            } else {
+                !(loss_value.is_finite() && norm.is_finite())
+            };
+            if diverged {
+                let cause = self.divergence_cause(loss_value, norm, amp, &input, lr);
+                return Err(self.error(Some(at), Fault::NonFinite(cause)));
+            }
             if stepped {
                 self.sgd.step(&self.vs, lr);
             } else {
                 stats.skipped_steps += 1;
             }
-            stats.loss += total_loss.double_value(&[]);
+            stats.loss += loss_value;
             stats.sup_loss += sup.double_value(&[]);
             stats.cps_loss += cps_value;
             if norm.is_finite() {
@@ -556,6 +573,31 @@ impl TrainerState {
         stats.data_wait = phases.data / total.as_secs_f64().max(1e-9);
         stats.phases = phases.scaled(1.0 / k);
         Ok(stats)
+    }
+
+    /// What made a step non-finite, for its error: weights already broken, an image
+    /// with NaNs, or a step that diverged from finite weights and data.
+    fn divergence_cause(&self, loss: f64, norm: f64, amp: bool, input: &Tensor, lr: f64) -> String {
+        let what = if amp {
+            "fp16 gradients overflow at loss scale 1 (the floor)".to_string()
+        } else if !loss.is_finite() {
+            format!("the loss is {loss}")
+        } else {
+            format!("the gradient norm is {norm}")
+        };
+        let weights: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        let why = if let Some(bad) = super::checkpoint::first_non_finite(&weights) {
+            format!("the weights were already broken: {bad}")
+        } else if input.isfinite().logical_not().any().int64_value(&[]) != 0 {
+            "the batch's images hold NaN or infinite voxels".to_string()
+        } else {
+            format!(
+                "weights and images are finite, the step diverged: a lower learning rate (now {lr}) or a tighter \
+                 gradient clip (plans.json's grad_clip_norm, now {}) keeps it finite",
+                self.setup.grad_clip
+            )
+        };
+        format!("{what} ({why}); the step was not applied and no checkpoint holds it")
     }
 
     /// Faults tests arm with `FAILPOINTS="trainer-step=return(SIBLING:EPOCH:STEP:KIND)"`,
@@ -630,6 +672,9 @@ impl TrainerState {
     fn save(&self, path: &Path) -> Result<(), TrainerError> {
         let state: Vec<(String, Tensor)> =
             self.named_state().into_iter().map(|(k, t)| (k, t.to_device(Device::Cpu))).collect();
+        if let Some(bad) = super::checkpoint::first_non_finite(&state) {
+            return Err(self.error(None, Fault::NonFinite(format!("{} not written: {bad}", path.display()))));
+        }
         if let Some(arg) = injected("checkpoint-write") {
             let code = arg.parse().unwrap_or(28); // ENOSPC
             let e = std::io::Error::from_raw_os_error(code);
@@ -641,7 +686,7 @@ impl TrainerState {
 
     fn load(&mut self, path: &Path) -> Result<(), TrainerError> {
         let fail = |m: String| self.error(None, Fault::Checkpoint(format!("{}: {m}", path.display())));
-        let loaded = Tensor::read_safetensors(path).map_err(|e| fail(e.to_string()))?;
+        let loaded = super::checkpoint::read_finite_tensors(path).map_err(fail)?;
         let vars = self.vs.variables();
         let mut seen = 0;
         let mut buffers = std::collections::BTreeMap::new();
