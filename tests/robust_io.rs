@@ -158,6 +158,9 @@ const VOX_OFFSET: usize = 108;
 const SCL_SLOPE: usize = 112;
 const QFORM_CODE: usize = 252;
 const SFORM_CODE: usize = 254;
+const SROW_X: usize = 280;
+const SROW_Y: usize = 296;
+const SROW_Z: usize = 312;
 
 #[test]
 fn bitpix_disagreeing_with_the_datatype_names_the_file_instead_of_panicking() {
@@ -486,4 +489,56 @@ fn a_gzip_stream_whose_crc_does_not_match_is_refused_naming_the_file() {
     std::fs::write(&bad_member, &raw).unwrap();
     let e = io::read_labels(&bad_member).unwrap_err().to_string();
     assert!(e.contains("two_members.nii.gz") && e.contains("corrupt gzip stream"), "{e}");
+}
+
+#[test]
+fn absurd_voxel_sizes_are_refused_at_check_time_and_far_ones_when_preprocessing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Pixdim alone: the ends of the accepted range pass (as float32), beyond them not.
+    let no_transform = |h: &mut [u8]| {
+        put_i16(h, QFORM_CODE, 0);
+        put_i16(h, SFORM_CODE, 0);
+    };
+    for (i, (v, ok)) in [(1e-4f32, true), (1e4, true), (1e-30, false), (2e4, false)].into_iter().enumerate() {
+        let p = patched_nii(tmp.path(), &format!("pixdim{i}.nii"), |h| {
+            no_transform(h);
+            put_f32(h, PIXDIM + 4, v);
+        });
+        match io::read_header(&p) {
+            Ok(g) => assert!(ok && (g.spacing()[2] - v as f64).abs() <= 1e-6 * v as f64, "{v}"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(!ok, "{v}: {e}");
+                assert!(e.contains(&p.display().to_string()) && e.contains(&format!("voxel size {v:e} mm")), "{e}");
+                assert!(e.contains("pixdim gives voxel sizes"), "{e}");
+            }
+        }
+    }
+    // A 1e30 mm voxel in a dataset's sform: check, fingerprint and preprocess refuse the file
+    // (preprocess used to panic on "capacity overflow") and go on with the others.
+    let raw = dataset(tmp.path(), ".nii.gz");
+    let plans = plan_for(&raw, tmp.path());
+    let victim = raw.join(format!("{VICTIM}.nii.gz"));
+    patch_gz_header(&victim, |h| put_f32(h, SROW_Y + 4, 1e30));
+    refused_everywhere(&raw, &plans, &victim, "voxel size 1e30 mm is outside");
+
+    // 9 m voxels are (barely) a scan's, but resampled to the plan's ~15 mm they would need
+    // terabytes: preprocess refuses that case with its numbers, the others are done.
+    let raw = dataset(&tmp.path().join("far"), ".nii.gz");
+    let victim = raw.join(format!("{VICTIM}.nii.gz"));
+    patch_gz_header(&victim, |h| {
+        for (row, col) in [(SROW_X, 0), (SROW_Y, 1), (SROW_Z, 2)] {
+            put_f32(h, row + 4 * col, 9000.0);
+        }
+    });
+    let (ok, text) = run(&["dataset", "check", s(&raw)]);
+    assert!(ok, "9000 mm is a voxel size: {text}");
+    let out = tmp.path().join("far_shards");
+    let (ok, text) = run(&["preprocess", s(&raw), "-p", s(&plans), "-o", s(&out), "-j", "1"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&victim.display().to_string()) && text.contains("unlabeled_00001"), "{text}");
+    assert!(text.contains("of memory") && text.contains("coarser --target-spacing"), "{text}");
+    for id in ["phantom_0000", "phantom_0001", "unlabeled_00000"] {
+        assert!(out.join(format!("{id}.shard")).is_file(), "{id} should be preprocessed: {text}");
+    }
 }

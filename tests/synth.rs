@@ -121,6 +121,19 @@ fn spacing_ranges_are_respected_and_bad_options_rejected() {
     assert!(stderr(&bad).contains("too small"), "{}", stderr(&bad));
     let bad = run(&["synth", d.to_str().unwrap(), "--spacing-z", "3,1"]);
     assert!(!bad.status.success() && stderr(&bad).contains("--spacing-z"), "{}", stderr(&bad));
+    // Spacings whose files the reader would refuse (absurd, or rounding to 0 as written)
+    // are refused before anything is written.
+    let fresh = tmp.path().join("absurd");
+    for (flag, range, needle) in [
+        ("--spacing-xy", "1e30,1e30", "voxel size 1e30 mm"),
+        ("--spacing-z", "2e4,3e4", "voxel size 2e4 mm"),
+        ("--spacing-xy", "0.001,0.002", "voxel size 0e0 mm"),
+    ] {
+        let bad = run(&["synth", fresh.to_str().unwrap(), "--shape", "8,16,16", flag, range]);
+        assert!(!bad.status.success(), "{flag} {range}");
+        assert!(stderr(&bad).contains(needle) && stderr(&bad).contains("reader refuses"), "{}", stderr(&bad));
+        assert!(!fresh.join("imagesTr").exists(), "{flag} {range}: nothing written");
+    }
 }
 
 #[test]

@@ -61,7 +61,10 @@ pub fn invert(a: &Affine) -> Option<Affine> {
     let m = |r: usize, c: usize| a[r][c];
     let det = m(0, 0) * (m(1, 1) * m(2, 2) - m(1, 2) * m(2, 1)) - m(0, 1) * (m(1, 0) * m(2, 2) - m(1, 2) * m(2, 0))
         + m(0, 2) * (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0));
-    if det.abs() < 1e-12 || !det.is_finite() {
+    // Degenerate when the axes span no volume relative to their lengths (a plain
+    // threshold on the determinant would call 0.1 µm voxels singular).
+    let lengths: f64 = column_norms(a).iter().product();
+    if det.abs() <= 1e-6 * lengths || !det.is_finite() {
         return None;
     }
     let mut inv = identity();
@@ -79,6 +82,21 @@ pub fn invert(a: &Affine) -> Option<Affine> {
         inv[r][3] = -(0..3).map(|k| inv[r][k] * a[k][3]).sum::<f64>();
     }
     Some(inv)
+}
+
+/// Voxel sizes a scan can have, in mm: from 0.1 µm (finer than any light microscope)
+/// to 10 m. Outside, a header is a units or writing error, and resampling it to a plan's
+/// spacing would ask for absurd shapes (1e30 mm: more voxels than memory can count).
+pub const VOXEL_SIZE_MM: (f64, f64) = (1e-4, 1e4);
+
+/// Why these voxel sizes (any axis order) are no scan's, or None: outside [`VOXEL_SIZE_MM`].
+pub fn voxel_size_problem(spacing: &[f64]) -> Option<String> {
+    let (lo, hi) = VOXEL_SIZE_MM;
+    // Headers hold float32: the ends themselves, rounded to it, still pass.
+    let bad = spacing.iter().find(|&&s| !(lo * (1.0 - 1e-6)..=hi * (1.0 + 1e-6)).contains(&s))?;
+    // As the header holds it (float32), without float64's extra digits.
+    let bad = *bad as f32;
+    Some(format!("voxel size {bad:e} mm is outside {lo:e}..{hi:e} mm, no scan's (a units or writing error?)"))
 }
 
 /// Length of each voxel axis (the column norms of the linear part).

@@ -65,6 +65,16 @@ impl Geometry {
         if spacing.iter().any(|&s| s <= 0.0 || !s.is_finite()) || geometry::invert(&file_affine).is_none() {
             return Err(Error::invalid(path, format!("{source:?} affine is singular (voxel sizes {spacing:?} mm)")));
         }
+        if let Some(problem) = geometry::voxel_size_problem(&spacing) {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "{problem}: the {} gives voxel sizes {:?} mm along the file's axes i, j, k",
+                    format!("{source:?}").to_lowercase(),
+                    spacing.map(|v| v as f32)
+                ),
+            ));
+        }
         let orientation = Orientation::from_affine(&file_affine);
         Ok(Geometry { header, file_shape, file_affine, source, orientation })
     }

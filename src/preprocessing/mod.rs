@@ -215,6 +215,20 @@ pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Resul
     let cropped_shape = [bbox[0][1] - bbox[0][0], bbox[1][1] - bbox[1][0], bbox[2][1] - bbox[2][0]];
     let spacing = geometry.spacing();
     let target = case_target_spacing(target, spacing);
+    // In floating point first: a spacing far from the plan's must be refused with its
+    // numbers, not overflow a shape or abort allocating.
+    let grid: Vec<f64> = (0..3).map(|a| (spacing[a] / target[a] * cropped_shape[a] as f64).round().max(1.0)).collect();
+    let raw: f64 = geometry.shape().iter().map(|&n| n as f64).product();
+    let need = crate::planning::plan::preprocess_case_bytes(channels.len(), raw, grid.iter().product());
+    crate::planning::plan::check_memory(
+        need,
+        &format!(
+            "preprocessing {} ({:?} voxels at {:.3?} mm, {:.0?} voxels at the plan's {:.3?} mm)",
+            case.id, cropped_shape, spacing, grid, target
+        ),
+        "plan a coarser --target-spacing",
+    )
+    .map_err(|e| Error::invalid(&case.images[0], e))?;
     let new_shape = compute_new_shape(cropped_shape, spacing, target);
     let sep = separate_axis(spacing, target, resampling_of(plans, configuration)?.anisotropy_threshold);
     let image = crop_clip_resample(channels, bbox, &plans.normalization, new_shape, sep);

@@ -91,22 +91,35 @@ pub fn unlabeled_case_id(i: usize) -> String {
     format!("unlabeled_{i:05}")
 }
 
+/// Default in-plane field of view and scan length (mm), as abdominal CTs have.
+const FIELD_OF_VIEW_MM: (f64, f64) = (330.0, 420.0);
+const SCAN_LENGTH_MM: (f64, f64) = (200.0, 320.0);
+
 fn draw_grid(cfg: &SynthConfig, rng: &mut impl Rng) -> PhantomGrid {
     let [nz, ny, nx] = cfg.shape;
     let sxy = match cfg.spacing_xy {
         Some((a, b)) if b > a => rng.random_range(a..b),
         Some((a, _)) => a,
-        None => rng.random_range(330.0..420.0) / nx.max(ny) as f64,
+        None => rng.random_range(FIELD_OF_VIEW_MM.0..FIELD_OF_VIEW_MM.1) / nx.max(ny) as f64,
     };
     let sz = match cfg.spacing_z {
         Some((a, b)) if b > a => rng.random_range(a..b),
         Some((a, _)) => a,
-        None => rng.random_range(200.0..320.0) / nz as f64,
+        None => rng.random_range(SCAN_LENGTH_MM.0..SCAN_LENGTH_MM.1) / nz as f64,
     };
-    // Rounded as scanners write them (0.01 mm in-plane, 0.05 mm slices).
+    PhantomGrid { shape: [nz, ny, nx], spacing: as_written(sz, sxy), fat_planes: cfg.fat_planes }
+}
+
+/// Spacing (z, y, x) rounded as scanners write it (0.01 mm in-plane, 0.05 mm slices).
+fn as_written(sz: f64, sxy: f64) -> [f64; 3] {
     let sxy = (sxy * 100.0).round() / 100.0;
     let sz = ((sz * 20.0).round() / 20.0).max(0.05);
-    PhantomGrid { shape: [nz, ny, nx], spacing: [sz, sxy, sxy], fat_planes: cfg.fat_planes }
+    [sz, sxy, sxy]
+}
+
+/// The default range of a spacing: a field of view of `fov` mm over `n` voxels.
+fn default_range(fov: (f64, f64), n: usize) -> (f64, f64) {
+    (fov.0 / n as f64, fov.1 / n as f64)
 }
 
 /// Bytes one worker holds for a case of `voxels`: float32 HU, uint8 labels, the int16
@@ -140,6 +153,23 @@ fn validate(cfg: &SynthConfig, out: &Path) -> Result<()> {
             if !(a > 0.0 && b >= a && b.is_finite()) {
                 return Err(Error::invalid(out, format!("{name} {a},{b}: need 0 < MIN <= MAX")));
             }
+        }
+    }
+    // Every spacing drawn lies between the ranges' ends as written: those must make files
+    // the reader accepts (a range that rounds to 0 or leaves its voxel sizes would not).
+    let xy = cfg.spacing_xy.unwrap_or(default_range(FIELD_OF_VIEW_MM, x.max(y)));
+    let z_range = cfg.spacing_z.unwrap_or(default_range(SCAN_LENGTH_MM, z));
+    for (sz, sxy) in [(z_range.0, xy.0), (z_range.1, xy.1)] {
+        let written = as_written(sz, sxy).map(|v| v as f32 as f64);
+        if let Some(problem) = crate::io::geometry::voxel_size_problem(&written) {
+            return Err(Error::invalid(
+                out,
+                format!(
+                    "--spacing-xy {},{} / --spacing-z {},{} would write voxel sizes {written:?} mm (z, y, x; rounded \
+                     as written), which the reader refuses: {problem}",
+                    xy.0, xy.1, z_range.0, z_range.1
+                ),
+            ));
         }
     }
     if cfg.file_ending != ".nii.gz" && cfg.file_ending != ".nii" {
