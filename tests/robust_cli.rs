@@ -215,6 +215,33 @@ fn predict_forced_spacing_must_be_positive_finite_and_fit_in_memory() {
 }
 
 #[test]
+fn predict_feeds_each_plan_channel_its_own_file_or_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let raw = phantoms(t);
+    let m = model(&t.join("model"));
+    let (input, out) = (t.join("input"), t.join("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    let predict = |i: &Path| cli(&["predict", "-i", s(i), "-o", s(&out), "-m", s(&m), "--device", "cpu"]);
+    // Channel 1 without channel 0: once read as channel 0, now refused with both names.
+    let stray = input.join("case_0001.nii.gz");
+    std::fs::copy(image(&raw), &stray).unwrap();
+    predict(&input).refused(&[
+        "case",
+        "lacks channel 0 (CT, file case_0000)",
+        "case_0001.nii.gz",
+        "no channel of the plan",
+    ]);
+    predict(&stray).refused(&["lacks channel 0"]);
+    assert!(!out.join("case.nii.gz").exists());
+    // A lone file without the suffix is the channel of a one-channel model.
+    let plain = input.join("scan.nii.gz");
+    std::fs::rename(&stray, &plain).unwrap();
+    predict(&plain).ok();
+    assert!(out.join("scan.nii.gz").is_file());
+}
+
+#[test]
 fn predict_checks_that_the_output_folder_is_writable_before_predicting() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();

@@ -109,10 +109,7 @@ fn cases(input: &Path) -> Result<Vec<Case>> {
     for f in files {
         let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
         let stem = name.trim_end_matches(".gz").trim_end_matches(".nii").to_string();
-        let id = match stem.rsplit_once('_') {
-            Some((id, ch)) if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) => id.to_string(),
-            _ => stem,
-        };
+        let id = cps3d::dataset::split_channel(&stem).map_or(stem.clone(), |(id, _)| id.to_string());
         by_case.entry(id).or_default().push(f);
     }
     Ok(by_case.into_iter().map(|(id, images)| Case { id, images, label: None }).collect())

@@ -342,6 +342,16 @@ fn list_files(dir: &Path, ending: &str, problems: &mut Vec<Error>) -> Result<BTr
 }
 
 /// Case id → channel numbers present, from files named `{CASE}_{XXXX}{ending}`.
+/// nnU-Net's image file stem `CASE_XXXX`: the case id and the channel number.
+pub fn split_channel(stem: &str) -> Option<(&str, usize)> {
+    let (id, ch) = stem.rsplit_once('_')?;
+    if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) && !id.is_empty() {
+        Some((id, ch.parse().ok()?))
+    } else {
+        None
+    }
+}
+
 fn list_channel_files(
     dir: &Path,
     json: &DatasetJson,
@@ -358,14 +368,8 @@ fn list_channel_files(
         if name.starts_with('.') {
             continue; // temporary files of an interrupted writer, editor files
         }
-        let parsed = name.strip_suffix(json.file_ending.as_str()).and_then(|stem| {
-            let (id, ch) = stem.rsplit_once('_')?;
-            if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) && !id.is_empty() {
-                Some((id.to_string(), ch.parse::<usize>().ok()?))
-            } else {
-                None
-            }
-        });
+        let parsed =
+            name.strip_suffix(json.file_ending.as_str()).and_then(split_channel).map(|(id, ch)| (id.to_string(), ch));
         match parsed {
             Some((id, ch)) => {
                 out.entry(id).or_default().insert(ch);

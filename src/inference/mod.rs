@@ -352,9 +352,59 @@ pub fn check_options(model: &Model, opts: &PredictOptions) -> Result<()> {
 
 /// Refuses a case whose channels do not match the plan, or whose network grid (from
 /// its header and the spacing) cannot fit in memory; reads headers only.
+/// The case's files are the plan's channels, in order: `CASE_0000`, `CASE_0001`, … (a
+/// lone file without the suffix is channel 0 of a one-channel model). Anything else
+/// would feed one channel's scan to another's weights.
+fn check_channel_files(case: &Case, plan_channels: &std::collections::BTreeMap<usize, String>) -> Result<()> {
+    let stem = |p: &PathBuf| {
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        name.trim_end_matches(".gz").trim_end_matches(".nii").to_string()
+    };
+    let numbers: Vec<Option<usize>> =
+        case.images.iter().map(|p| crate::dataset::split_channel(&stem(p)).map(|(_, ch)| ch)).collect();
+    if numbers == [None] && plan_channels.len() == 1 {
+        return Ok(());
+    }
+    let expected: Vec<usize> = plan_channels.keys().copied().collect();
+    let found: Vec<usize> = numbers.iter().flatten().copied().collect();
+    if numbers.iter().all(Option::is_some) && found == expected {
+        return Ok(());
+    }
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|ch| !found.contains(ch))
+        .map(|ch| format!("{ch} ({}, file {}_{ch:04})", plan_channels[ch], case.id))
+        .collect();
+    let unknown: Vec<&PathBuf> = case
+        .images
+        .iter()
+        .zip(&numbers)
+        .filter(|(_, n)| n.is_none_or(|ch| !plan_channels.contains_key(&ch)))
+        .map(|(p, _)| p)
+        .collect();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("lacks channel {}", missing.join(", ")));
+    }
+    if !unknown.is_empty() {
+        let names: Vec<String> = unknown.iter().map(|p| p.display().to_string()).collect();
+        problems.push(format!("has files that are no channel of the plan: {}", names.join(", ")));
+    }
+    Err(Error::invalid(
+        &case.images[0],
+        format!(
+            "case {} {} (the plan's channels: {}; files are named CASE_XXXX with XXXX the channel)",
+            case.id,
+            problems.join(" and "),
+            plan_channels.iter().map(|(k, v)| format!("{k:04} {v}")).collect::<Vec<_>>().join(", ")
+        ),
+    ))
+}
+
 fn check_case(model: &Model, case: &Case, opts: &PredictOptions) -> Result<()> {
     let first = case.images.first().ok_or_else(|| Error::invalid(&case.id, "no image files"))?;
     let channels = model.plans.channels.len();
+    check_channel_files(case, &model.plans.channels)?;
     if case.images.len() != channels {
         return Err(Error::invalid(
             first,
