@@ -408,6 +408,19 @@ fn verify_checks_shards_against_the_manifest_and_the_plan() {
     });
     assert!(!ok, "{text}");
     assert!(text.contains("plans.json: configuration 3d_fullres has spacing [9.0, 9.0, 9.0]"), "{text}");
+
+    // A manifest naming a shard outside its folder: a real shard lies there, and was read.
+    let outside = tmp.path().join("outside");
+    let (ok, text) = verify_broken(&shards, &outside, |d| {
+        std::fs::rename(d.join("phantom_0001.shard"), tmp.path().join("elsewhere.shard")).unwrap();
+        edit_json(&d.join("manifest.json"), |m| m["cases"][1]["shard"] = serde_json::json!("../elsewhere.shard"));
+    });
+    assert!(!ok, "{text}");
+    let needle = "case phantom_0001: shard \"../elsewhere.shard\" is not a file name in the shard folder";
+    assert!(text.contains(needle), "{text}");
+    let (ok, text) =
+        run(&["train", s(&outside), "-o", s(&tmp.path().join("run")), "--epochs", "1", "--iterations", "1"]);
+    assert!(!ok && text.contains(needle), "{text}");
 }
 
 /// A label map with distinct values everywhere, written by the project's writer.

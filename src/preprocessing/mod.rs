@@ -99,6 +99,22 @@ impl Manifest {
                 ),
             ));
         }
+        // Shards are named inside the folder: a path (`../x`, `/x`, `a/b`) would be
+        // followed out of it, to whatever file lies there.
+        for c in &m.cases {
+            let mut parts = Path::new(&c.shard).components();
+            let plain = matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None));
+            if !plain {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "case {}: shard \"{}\" is not a file name in the shard folder (the manifest names its \
+                         shards, it does not point elsewhere)",
+                        c.id, c.shard
+                    ),
+                ));
+            }
+        }
         Ok(m)
     }
 }
