@@ -49,6 +49,9 @@ impl FolderLock {
     fn take(dir: &Path, what: &str, exclusive: bool) -> Result<FolderLock> {
         use fs4::fs_std::FileExt;
         let path = dir.join(".lock");
+        if !dir.is_dir() {
+            return Err(Error::invalid(dir, format!("{what}: no such folder")));
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -114,5 +117,8 @@ mod tests {
         let _a = FolderLock::shared(dir.path(), "reading").unwrap();
         let _b = FolderLock::shared(dir.path(), "reading").unwrap();
         assert!(FolderLock::exclusive(dir.path(), "writing").is_err());
+        let gone = dir.path().join("gone");
+        let e = FolderLock::shared(&gone, "reading the shards").err().unwrap().to_string();
+        assert_eq!(e, format!("{}: reading the shards: no such folder", gone.display()));
     }
 }

@@ -154,6 +154,19 @@ fn data_path_faults_end_training_quickly_with_the_cause() {
     assert!(!o.status.success());
     assert!(text.contains("augmenter workers crashed") && text.contains("injected augmenter panic"), "{text}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
+    // One unlabeled shard corrupt: training goes on without it, and says so in its summary
+    // and in the epochs' log lines.
+    let victim = sh.join("unlabeled_00001.shard");
+    let len = std::fs::metadata(&victim).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&victim).unwrap().set_len(len / 2).unwrap();
+    let run = tmp.path().join("run_one_corrupt");
+    let (o, _) = run_guarded(&train_args(&sh, &run, "2"), None, Duration::from_secs(120));
+    let text = stdout(&o);
+    assert!(o.status.success(), "{text}{}", stderr(&o));
+    assert!(text.contains("1 case(s) could not always be read") && text.contains("unlabeled_00001: "), "{text}");
+    assert!(text.contains("cps3d verify"), "{text}");
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    assert!(log.lines().any(|l| l.contains("\"read_failures\"") && l.contains("unlabeled_00001.shard")), "{log}");
     // Every unlabeled shard corrupt: the run ends at once and names them.
     for entry in std::fs::read_dir(&sh).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -344,4 +357,29 @@ fn non_finite_numbers_stop_training_and_are_never_saved_or_loaded() {
     );
     assert!(!o.status.success(), "{}", stdout(&o));
     assert!(stderr(&o).contains(&format!("tensor {name} holds 1 non-finite value")), "{}", stderr(&o));
+}
+
+#[test]
+fn resuming_names_a_shard_folder_that_is_gone_and_goes_on_where_train_json_points() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sh = common::tiny_shards(tmp.path());
+    let run = tmp.path().join("run");
+    let (o, _) = run_guarded(&train_args(&sh, &run, "1"), None, Duration::from_secs(90));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let moved = tmp.path().join("moved_shards");
+    std::fs::rename(&sh, &moved).unwrap();
+    let resume = ["train", "--resume", run.to_str().unwrap(), "--epochs", "2"];
+    let (o, _) = run_guarded(&resume, None, Duration::from_secs(90));
+    let text = stderr(&o);
+    assert!(!o.status.success());
+    // Said as what it is, not as "RUN/.lock: No such file or directory".
+    assert!(text.contains(&format!("{}: the shard folder this run trains on is gone", sh.display())), "{text}");
+    assert!(text.contains("train.json") && !text.contains(".lock"), "{text}");
+    let train_json = run.join("train.json");
+    let mut options: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&train_json).unwrap()).unwrap();
+    options["shards"] = serde_json::json!(moved);
+    std::fs::write(&train_json, options.to_string()).unwrap();
+    let (o, _) = run_guarded(&resume, None, Duration::from_secs(90));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(logged_epochs(&run), [0, 1]);
 }

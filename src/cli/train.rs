@@ -228,6 +228,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     pb.finish_and_clear();
     let logs = result.with_context(|| format!("training into {}", opts.run_dir.display()))?;
     println!("{} epoch(s) trained; logs and checkpoints in {}", logs.len(), opts.run_dir.display());
+    let history = cps3d::training::checkpoint::read_log(&opts.run_dir.join("log.jsonl"));
+    if let Some(text) = cps3d::training::run::read_failure_summary(&history) {
+        println!("{text}");
+    }
     let validation = opts.run_dir.join("validation/summary.json");
     let text = if opts.final_validation { std::fs::read_to_string(&validation).ok() } else { None };
     if let Some(text) = text {

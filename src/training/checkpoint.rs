@@ -71,6 +71,9 @@ pub struct EpochLog {
     /// Seconds per step by phase, averaged over the trainers (absent in older logs).
     #[serde(default)]
     pub phases: super::trainer::StepPhases,
+    /// Shards that failed to read in this epoch's training and validation (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_failures: Vec<cps3d_actors::datapath::ReadFailure>,
 }
 
 /// Everything a resumed run needs besides the networks.
@@ -236,6 +239,7 @@ mod tests {
             data_wait: 0.0,
             epoch_seconds: 1.0,
             phases: Default::default(),
+            read_failures: vec![],
         }
     }
 

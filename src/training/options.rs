@@ -272,6 +272,16 @@ pub fn resume_options(run_dir: &Path, req: &ResumeRequest) -> Result<TrainOption
             ))
         }
     };
+    if !o.shards.is_dir() {
+        return Err(Error::invalid(
+            &o.shards,
+            format!(
+                "the shard folder this run trains on is gone (moved or deleted); put it back there, or set \
+                 \"shards\" in {} to where it is now",
+                path.display()
+            ),
+        ));
+    }
     if let Some(s) = &req.shards {
         let same = std::fs::canonicalize(s).ok().as_deref() == Some(o.shards.as_path()) || *s == o.shards;
         fixed("SHARDS", same, &format!("the run trains on {}", o.shards.display()))?;

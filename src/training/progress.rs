@@ -173,6 +173,7 @@ mod tests {
                 data_wait: 0.0,
                 epoch_seconds: 2.0,
                 phases: Default::default(),
+                read_failures: vec![],
             })
             .collect();
         let dir = tempfile::tempdir().unwrap();

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::planning::plan::{LambdaSchedule, Plans};
 use crate::util::FolderLock;
 use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner};
-use cps3d_actors::datapath::DataPath;
+use cps3d_actors::datapath::{DataPath, ReadFailure};
 
 pub use super::checkpoint::read_log;
 pub use super::options::{default_devices, parse_device, TrainOptions};
@@ -358,6 +358,7 @@ fn epochs(
             }
         }
         dp.stop();
+        let mut read_failures = dp.read_failures();
         let stats: Vec<_> = trained
             .map_err(fail)?
             .into_iter()
@@ -369,12 +370,23 @@ fn epochs(
         {
             on_progress(Progress::Estimate(&e));
         }
-        let dice = validate_epoch(trainers, &opts.shards, val_ids, &knobs, opts.val_iterations, epoch).map_err(
-            |e| match e {
-                RoundOrIo::Round(r) => fail(r),
-                RoundOrIo::Other(e) => e,
-            },
-        )?;
+        let (dice, validation_failures) =
+            validate_epoch(trainers, &opts.shards, val_ids, &knobs, opts.val_iterations, epoch).map_err(
+                |e| match e {
+                    RoundOrIo::Round(r) => fail(r),
+                    RoundOrIo::Other(e) => e,
+                },
+            )?;
+        read_failures.extend(validation_failures);
+        for f in &read_failures {
+            tracing::warn!(
+                "epoch {epoch}: {} failed to read {} time(s){}: {}",
+                f.path.display(),
+                f.failures,
+                if f.excluded { ", left out for the rest of the epoch" } else { "" },
+                f.last_error
+            );
+        }
         let mean = mean_finite(&dice.iter().map(|d| mean_finite(d)).collect::<Vec<_>>());
         state.ema = if epoch == 0 { mean } else { 0.9 * state.ema + 0.1 * mean };
         state.lr.update(plans, state.ema);
@@ -392,6 +404,7 @@ fn epochs(
             data_wait: stats.iter().map(|s| s.data_wait).sum::<f64>() / stats.len().max(1) as f64,
             epoch_seconds: t_epoch.elapsed().as_secs_f64(),
             phases: StepPhases::mean(stats.iter().map(|s| &s.phases)),
+            read_failures,
         };
         if let Some(m) = crate::metrics::global() {
             m.trainer.record_epoch(&log);
@@ -466,9 +479,9 @@ fn validate_epoch(
     knobs: &DataKnobs,
     iterations: usize,
     epoch: usize,
-) -> std::result::Result<Vec<Vec<f64>>, RoundOrIo> {
+) -> std::result::Result<(Vec<Vec<f64>>, Vec<ReadFailure>), RoundOrIo> {
     if val_ids.is_empty() || iterations == 0 {
-        return Ok(vec![Vec::new(); trainers.len()]);
+        return Ok((vec![Vec::new(); trainers.len()], Vec::new()));
     }
     let mut k = knobs.clone();
     k.no_augment = true;
@@ -482,11 +495,47 @@ fn validate_epoch(
     // fill the other's queue and stall the data path.
     let replies = trainers.round(|i| Command::Validate { count: iterations, batches: dp.consumer(i) }, Some(&dp));
     dp.stop();
-    Ok(replies
+    let dice = replies
         .map_err(RoundOrIo::Round)?
         .into_iter()
         .filter_map(|r| if let Reply::Validated(c) = r { Some(dice_per_class(&c)) } else { None })
-        .collect())
+        .collect();
+    Ok((dice, dp.read_failures()))
+}
+
+/// What a run's final summary says about shards that failed to read (None when all
+/// read): each case once, with the epochs it failed in and its last error.
+pub fn read_failure_summary(logs: &[EpochLog]) -> Option<String> {
+    let mut by_case: std::collections::BTreeMap<&str, (u32, Vec<usize>, &ReadFailure)> = Default::default();
+    for log in logs {
+        for f in &log.read_failures {
+            let e = by_case.entry(&f.case).or_insert((0, Vec::new(), f));
+            e.0 += f.failures;
+            if !e.1.contains(&log.epoch) {
+                e.1.push(log.epoch);
+            }
+            e.2 = f;
+        }
+    }
+    if by_case.is_empty() {
+        return None;
+    }
+    let mut text = format!(
+        "{} case(s) could not always be read, so training saw them less or not at all (a shard that fails 3 \
+         times is left out for the rest of its epoch):",
+        by_case.len()
+    );
+    for (case, (n, epochs, last)) in &by_case {
+        let (first, end) = (epochs[0], epochs[epochs.len() - 1]);
+        let when = if first == end {
+            format!("epoch {first}")
+        } else {
+            format!("{} epochs from {first} to {end}", epochs.len())
+        };
+        text.push_str(&format!("\n  {case}: {n} failed read(s) in {when}; last: {}", last.last_error));
+    }
+    text.push_str("\n  `cps3d verify SHARDS` checks every shard; delete a broken one and run `cps3d preprocess` again (it redoes only missing shards)");
+    Some(text)
 }
 
 /// Loads the network weights of a checkpoint file (for tests and export checks).

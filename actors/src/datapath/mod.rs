@@ -243,6 +243,17 @@ pub(crate) struct AugmentedSample {
     pub sample: Sample,
 }
 
+/// A shard that could not be read while the path ran.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReadFailure {
+    pub case: String,
+    pub path: std::path::PathBuf,
+    pub failures: u32,
+    pub last_error: String,
+    /// No longer sampled (it failed too often).
+    pub excluded: bool,
+}
+
 /// Read failures per shard (`(labeled, index)`): how many and the last error, and the
 /// shards no longer sampled.
 #[derive(Default)]
@@ -409,6 +420,29 @@ impl DataPath {
     /// The live counters, which outlive the path (monitoring reads them at any time).
     pub fn telemetry_handle(&self) -> Arc<Telemetry> {
         self.shared.telemetry.clone()
+    }
+
+    /// Shards that failed to read so far, in case order: how often, the last error, and
+    /// whether they are no longer sampled. Training reports them, so that a case left
+    /// out is said, not only logged.
+    pub fn read_failures(&self) -> Vec<ReadFailure> {
+        let ex = self.shared.exclusions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ReadFailure> = ex
+            .errors
+            .iter()
+            .map(|(&(labeled, idx), (n, e))| {
+                let list = if labeled { &self.shared.cfg.labeled } else { &self.shared.cfg.unlabeled };
+                ReadFailure {
+                    case: list[idx].id.clone(),
+                    path: list[idx].path.clone(),
+                    failures: *n,
+                    last_error: e.clone(),
+                    excluded: ex.excluded.contains(&(labeled, idx)),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.case.cmp(&b.case));
+        out
     }
 
     pub fn failure(&self) -> Option<String> {
