@@ -444,6 +444,21 @@ fn plan_options_are_range_checked_and_name_their_flag() {
     assert_eq!(written["cps"]["optimizer"]["lr"], 0.05);
     assert_eq!(written["cps"]["optimizer"]["momentum"], 0.9);
     assert_eq!(written["cps"]["oversample_foreground"], 1.0);
+    // Padded patches are said; a first stage wider than the cap (a flat network) is refused.
+    let p = plan(&["--patch-size", "17,33,33", "--unlabeled-batch", "1"]);
+    p.ok();
+    let padded: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plans).unwrap()).unwrap();
+    let patch: Vec<u64> = serde_json::from_value(padded["configurations"]["3d_fullres"]["patch_size"].clone()).unwrap();
+    let list = patch.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+    assert_ne!(list, "17,33,33");
+    assert!(p.stderr.contains(&format!("--patch-size 17,33,33 became {list} in 3d_fullres")), "{}", p.text());
+    assert!(p.stdout.contains("(+1 unlabeled for CPS)"), "the batch printed is the plan's:\n{}", p.text());
+    assert!(!plan(&["--patch-size", &list]).stderr.contains("became"), "an exact patch is not remarked on");
+    plan(&["--base-features", "64", "--max-features", "32"])
+        .refused(&["--base-features", "64 is above --max-features 32"]);
+    plan(&["--max-features-2d", "16"]).refused(&["32 (the default) is above --max-features-2d 16"]);
+    // Explicit --features do not come from the base: no conflict.
+    plan(&["--base-features", "64", "--max-features", "32", "--features", "8,16,32,32"]).ok();
 }
 
 #[test]

@@ -229,6 +229,24 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("planning from {}: {e}", a.fingerprint.display()))?;
     plans.write(&a.out)?;
     print_plans(&plans);
+    for (flag, asked, name) in [
+        ("--patch-size", a.patch_size.map(|p| p.0.to_vec()), "3d_fullres"),
+        ("--patch-size-2d", a.patch_size_2d.map(|p| p.0.to_vec()), "2d"),
+    ] {
+        let (Some(asked), Some(c)) = (asked, plans.configuration(name)) else { continue };
+        if asked != c.patch_size {
+            let multiples: Vec<usize> =
+                (0..asked.len()).map(|ax| c.network.strides.iter().map(|s| s[ax]).product()).collect();
+            let list = |v: &[usize]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+            tracing::warn!(
+                "{flag} {} became {} in {name}: its network pools each axis down by {}, so the patch is padded up \
+                 to multiples of that (as nnU-Net does)",
+                list(&asked),
+                list(&c.patch_size),
+                list(&multiples)
+            );
+        }
+    }
     println!("wrote {}", a.out.display());
     Ok(())
 }
@@ -240,8 +258,8 @@ fn print_plans(p: &Plans) {
             c.spacing,
             c.median_shape_after_resampling,
             c.patch_size,
-            c.batch_size,
-            c.batch_size,
+            p.batch_sizes(name).0,
+            p.batch_sizes(name).1,
             c.network.n_stages(),
             c.network.features_per_stage,
             c.network.parameter_count

@@ -186,6 +186,16 @@ impl Plans {
     pub fn configuration(&self, name: &str) -> Option<&ConfigurationPlan> {
         self.configurations.get(name)
     }
+
+    /// Labeled and unlabeled samples per batch: the CPS settings' for the configuration they
+    /// were planned with; another configuration (2D when the plan trains 3D) uses its own
+    /// nnU-Net batch size for both (the paper's 2D arm: 12 + 12).
+    pub fn batch_sizes(&self, configuration: &str) -> (usize, usize) {
+        match self.configuration(configuration) {
+            Some(c) if configuration != self.cps.configuration => (c.batch_size, c.batch_size),
+            _ => (self.cps.labeled_batch, self.cps.unlabeled_batch),
+        }
+    }
 }
 
 /// What the user may override.
@@ -398,6 +408,20 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
     let num_classes = fp.labels.keys().next_back().map(|&m| m as usize + 1).unwrap_or(2);
     let input_channels = fp.channels.len();
     let base = overrides.base_features.unwrap_or(32);
+    // min(base·2^stage, max) with base above max is a flat network of max everywhere.
+    let derived = [
+        ("--max-features", overrides.max_features_3d.unwrap_or(320), overrides.features_3d.is_none()),
+        ("--max-features-2d", overrides.max_features_2d.unwrap_or(512), overrides.features_2d.is_none()),
+    ];
+    for (flag, max, from_base) in derived {
+        if from_base && base > max {
+            let default = if overrides.base_features.is_none() { " (the default)" } else { "" };
+            return Err(Error::invalid(
+                "--base-features",
+                format!("{base}{default} is above {flag} {max}: every stage would have {max} features; lower one or raise the other"),
+            ));
+        }
+    }
     let gpu = overrides.gpu_memory_gb.unwrap_or(8.0);
     let mut configurations = BTreeMap::new();
     if median_shape[0] > 1.0 {

@@ -71,7 +71,7 @@ pub fn datapath_config(shards: &Path, k: &DataKnobs) -> Result<DataPathConfig> {
     let patch = k.patch.unwrap_or(plan_patch);
     let mut cfg = DataPathConfig::new(labeled, unlabeled, patch);
     cfg.channels = plans.channels.len();
-    let (labeled_batch, unlabeled_batch) = batch_sizes(&plans, &manifest.configuration);
+    let (labeled_batch, unlabeled_batch) = plans.batch_sizes(&manifest.configuration);
     cfg.labeled_batch = k.labeled.unwrap_or(labeled_batch);
     cfg.unlabeled_batch = k.unlabeled.unwrap_or(unlabeled_batch);
     if cfg.unlabeled.is_empty() && k.unlabeled.is_none() {
@@ -101,16 +101,6 @@ pub fn patch_zyx(patch: &[usize]) -> Option<[usize; 3]> {
         [y, x] => Some([1, y, x]),
         [z, y, x] => Some([z, y, x]),
         _ => None,
-    }
-}
-
-/// Labeled and unlabeled samples per batch: the CPS settings' for the configuration they
-/// were planned with; another configuration (2D when the plan trains 3D) uses its own
-/// nnU-Net batch size for both (the paper's 2D arm: 12 + 12).
-pub fn batch_sizes(plans: &Plans, configuration: &str) -> (usize, usize) {
-    match plans.configuration(configuration) {
-        Some(c) if configuration != plans.cps.configuration => (c.batch_size, c.batch_size),
-        _ => (plans.cps.labeled_batch, plans.cps.unlabeled_batch),
     }
 }
 

@@ -112,7 +112,7 @@ fn run_plans(opts: &TrainOptions, manifest_configuration: &str, plans: Plans, re
     // The run's plan names the configuration its networks are (prediction and export read
     // it there), with that configuration's batch when it is not the one the plan trains.
     if plans.cps.configuration != manifest_configuration {
-        (plans.cps.labeled_batch, plans.cps.unlabeled_batch) = super::data::batch_sizes(&plans, manifest_configuration);
+        (plans.cps.labeled_batch, plans.cps.unlabeled_batch) = plans.batch_sizes(manifest_configuration);
         plans.cps.configuration = manifest_configuration.to_string();
     }
     Ok(plans)
