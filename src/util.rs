@@ -97,6 +97,30 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// Cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The most worker threads one pool may start: beyond 64 per core they only cost
+/// memory, and tens of thousands fail to spawn. One limit for every worker count
+/// (`-j`, data-path actors, libtorch threads), from the command line or a `train.json`.
+pub fn max_workers() -> usize {
+    (64 * cores()).min(1024)
+}
+
+/// `n` when it is a worker count in 1..=[`max_workers`], else why not.
+pub fn check_workers(n: usize) -> std::result::Result<usize, String> {
+    let max = max_workers();
+    if n == 0 || n > max {
+        return Err(format!(
+            "{n} is not in 1..={max}: at least 1, at most 64 per core ({} cores here) and 1024 in all",
+            cores()
+        ));
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

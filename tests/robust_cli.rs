@@ -531,6 +531,25 @@ fn bench_and_tune_refuse_what_cannot_fit_or_start() {
         .refused(&["memory", "8.0 GB", "--patch"]);
     assert!(!run.join("checkpoints").read_dir().is_ok_and(|mut d| d.next().is_some()), "no epoch trained");
     bench(&[]).ok();
+    // One limit for every worker count, on the command line and in a train.json (train
+    // allowed 256 data-path workers where bench allowed 64 per core).
+    let over = (cps3d::util::max_workers() + 1).to_string();
+    let limit = format!("{over} is not in 1..={}", cps3d::util::max_workers());
+    bench(&["--loaders", &over]).refused(&["--loaders", &limit]);
+    let run = t.join("run_workers");
+    for flag in ["--loaders", "--augmenters", "--batchers", "--threads", "--data-cores"] {
+        cli(&["train", sh, "-o", s(&run), "--devices", "cpu", "--fold", "all", flag, &over]).refused(&[flag, &limit]);
+    }
+    let config = t.join("train.json");
+    let options = cps3d::training::options::TrainOptions {
+        shards: shards.clone(),
+        run_dir: run.clone(),
+        devices: vec!["cpu".into()],
+        loaders: cps3d::util::max_workers() + 1,
+        ..Default::default()
+    };
+    std::fs::write(&config, serde_json::to_string(&options).unwrap()).unwrap();
+    cli(&["train", "--config", s(&config)]).refused(&["--loaders", &limit]);
 }
 
 #[test]

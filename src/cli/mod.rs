@@ -171,26 +171,13 @@ impl std::str::FromStr for MinMax {
 }
 
 pub(crate) fn default_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    cps3d::util::cores()
 }
 
-/// The most worker threads one pool may start: beyond 64 per core they only cost
-/// memory, and tens of thousands fail to spawn.
-pub(crate) fn max_workers() -> usize {
-    (64 * default_workers()).min(1024)
-}
-
-/// Value parser for worker counts (`-j`, actor counts, `--cores`): 1..=max_workers().
+/// Value parser for worker counts (`-j`, actor counts, `--cores`, threads): 1..=max_workers().
 pub(crate) fn workers(s: &str) -> Result<usize, String> {
     let n: usize = s.trim().parse().map_err(|_| format!("\"{s}\" is not a whole number"))?;
-    let max = max_workers();
-    if n == 0 || n > max {
-        return Err(format!(
-            "{n} is not in 1..={max}: at least 1, at most 64 per core ({} cores here) and 1024 in all",
-            default_workers()
-        ));
-    }
-    Ok(n)
+    cps3d::util::check_workers(n)
 }
 
 /// Value parser for a whole number in `lo..=hi`.

@@ -61,11 +61,11 @@ pub struct TrainArgs {
     #[arg(long)]
     no_val_mirror: bool,
     /// Data-path workers.
-    #[arg(long)]
+    #[arg(long, value_parser = super::workers, allow_negative_numbers = true)]
     loaders: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::workers, allow_negative_numbers = true)]
     augmenters: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::workers, allow_negative_numbers = true)]
     batchers: Option<usize>,
     /// Train without augmentation.
     #[arg(long)]
@@ -74,7 +74,7 @@ pub struct TrainArgs {
     #[arg(long)]
     patch: Option<Zyx>,
     /// CPU threads libtorch may use, shared by the trainers on the CPU (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = super::workers, allow_negative_numbers = true)]
     threads: Option<usize>,
     /// Seconds a trainer waits for a batch or for its sibling's labels before giving up.
     #[arg(long, default_value_t = 600)]
@@ -95,7 +95,7 @@ pub struct TrainArgs {
     /// Cores the data path may use. Given, loader and augmenter counts are tuned while
     /// training, starting from --loaders/--augmenters: loaders + augmenters ≤ cores + 1;
     /// every change goes to RUN_DIR/autotune.jsonl.
-    #[arg(long)]
+    #[arg(long, value_parser = super::workers, allow_negative_numbers = true)]
     data_cores: Option<usize>,
     /// Keep --loaders/--augmenters fixed even with --data-cores.
     #[arg(long)]

@@ -202,15 +202,21 @@ impl TrainOptions {
         };
         positive("--epochs", self.epochs)?;
         positive("--iterations", self.iterations)?;
-        positive("--threads", self.threads)?;
-        positive("--data-cores", self.data_cores)?;
+
         if !(self.autotune_interval_seconds > 0.0 && self.autotune_interval_seconds.is_finite()) {
             return Err(Error::invalid("--autotune-interval", "must be a positive number of seconds"));
         }
-        for (name, v) in [("--loaders", self.loaders), ("--augmenters", self.augmenters), ("--batchers", self.batchers)]
-        {
-            if v == 0 || v > 256 {
-                return Err(Error::invalid(name, format!("{v} worker(s): 1 to 256")));
+        // The command line's rule, also for a train.json written by hand.
+        let counts = [
+            ("--loaders", Some(self.loaders)),
+            ("--augmenters", Some(self.augmenters)),
+            ("--batchers", Some(self.batchers)),
+            ("--threads", self.threads),
+            ("--data-cores", self.data_cores),
+        ];
+        for (name, v) in counts {
+            if let Some(v) = v {
+                crate::util::check_workers(v).map_err(|e| Error::invalid(name, e))?;
             }
         }
         if self.timeout_seconds == 0 {
