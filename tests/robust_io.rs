@@ -263,6 +263,9 @@ fn header_fields_are_checked_before_reading() {
         ("offset_nan.nii", Box::new(|h| put_f32(h, VOX_OFFSET, f32::NAN)), "vox_offset"),
         ("dim.nii", Box::new(|h| put_i16(h, 42, -3)), "dim"),
         ("long.nii", Box::new(|h| put_i16(h, 46, 400)), "truncated"),
+        // A .hdr/.img pair's header in a .nii: the crate went looking for a sibling .img.
+        ("pair.nii", Box::new(|h| h[344..348].copy_from_slice(b"ni1\0")), "a .hdr/.img pair's header"),
+        ("magic.nii", Box::new(|h| h[344..348].copy_from_slice(b"abc\0")), "bad magic"),
     ];
     for (name, patch, needle) in cases {
         let p = patched_nii(tmp.path(), name, patch);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, ArrayView3, Axis, Ix3};
 use nifti::writer::WriterOptions;
-use nifti::{DataElement, IntoNdArray, NiftiHeader, NiftiObject, NiftiType, ReaderOptions};
+use nifti::{DataElement, IntoNdArray, NiftiHeader, NiftiType};
 
 use super::geometry::{self, Affine, AffineSource, Orientation};
 use crate::error::{Error, Result};
@@ -268,10 +268,18 @@ fn validate_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<()> {
             h.scl_slope, h.scl_inter
         ));
     }
-    let single_file = &h.magic == b"n+1\0";
+    // nnU-Net layout names .nii and .nii.gz files: single-file NIfTI-1. A pair's header
+    // (`ni1`) would send the reader to a sibling .img, read without its offset.
+    if &h.magic != b"n+1\0" {
+        let magic = String::from_utf8_lossy(&h.magic[..3]).into_owned();
+        return bad(format!(
+            "magic \"{magic}\" where a .nii file has \"n+1\"{}: convert it to a single .nii.gz (e.g. with nibabel)",
+            if magic == "ni1" { " (a .hdr/.img pair's header)" } else { "" }
+        ));
+    }
     // 0 is a common "unset", which the reader (like nibabel) takes as right after the header.
     let offset_ok = h.vox_offset == 0.0 || (h.vox_offset.is_finite() && h.vox_offset >= 352.0);
-    if single_file && !offset_ok {
+    if !offset_ok {
         return bad(format!("vox_offset {}: voxel data must start at or after the 352-byte header", h.vox_offset));
     }
     let offset = data_offset(h);
@@ -279,15 +287,15 @@ fn validate_header(path: &Path, h: &NiftiHeader, file_len: u64) -> Result<()> {
         return bad(format!("dim {:?} is too large", &raw_dim[1..=ndim as usize]));
     };
     let gz = path.to_string_lossy().ends_with(".gz");
-    let needed = if single_file { bytes.saturating_add(offset) } else { bytes };
-    if single_file && !gz && needed > file_len {
+    let needed = bytes.saturating_add(offset);
+    if !gz && needed > file_len {
         return bad(format!(
             "file is truncated: dim {:?} at {bits} bits per voxel from offset {offset} needs {needed} bytes, the file \
              has {file_len}",
             &raw_dim[1..=ndim as usize]
         ));
     }
-    if single_file && gz && bytes / MAX_GZIP_RATIO > file_len {
+    if gz && bytes / MAX_GZIP_RATIO > file_len {
         return bad(format!(
             "file is truncated: dim {:?} at {bits} bits per voxel needs {bytes} bytes, more than {file_len} bytes of \
              gzip can hold",
@@ -338,17 +346,12 @@ fn read_single_file_voxels(path: &Path, voxel_bytes: usize) -> Result<(NiftiHead
 
 fn read_file_order_f32(path: &Path) -> Result<(Array3<f32>, Geometry)> {
     let geometry = read_header(path)?;
-    let obj = if &geometry.header.magic == b"n+1\0" {
-        // Validated by read_header: the size does not overflow.
-        let bytes = voxel_bytes(&geometry.header).unwrap_or(0) as usize;
-        let (header, raw) = read_single_file_voxels(path, bytes)?;
-        let volume =
-            guarded(path, || nifti::InMemNiftiVolume::from_raw_data(&header, raw).map_err(|e| Error::nifti(path, e)))?;
-        (header, volume)
-    } else {
-        let obj = guarded(path, || ReaderOptions::new().read_file(path).map_err(|e| Error::nifti(path, e)))?;
-        (obj.header().clone(), obj.into_volume())
-    };
+    // Validated by read_header: a single file whose size does not overflow.
+    let bytes = voxel_bytes(&geometry.header).unwrap_or(0) as usize;
+    let (header, raw) = read_single_file_voxels(path, bytes)?;
+    let volume =
+        guarded(path, || nifti::InMemNiftiVolume::from_raw_data(&header, raw).map_err(|e| Error::nifti(path, e)))?;
+    let obj = (header, volume);
     // The header read again with the data must be the one validated (the file may have changed).
     let (a, b) = (&obj.0, &geometry.header);
     let same = a.dim == b.dim
