@@ -5,6 +5,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod dataset;
+pub mod distributed;
 pub mod error;
 pub mod evaluation;
 pub mod inference;

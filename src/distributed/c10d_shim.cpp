@@ -1,0 +1,139 @@
+// The few c10d calls cps3d needs, as C functions for Rust: a TCPStore rendezvous, a Gloo
+// process group, and all-reduce (sum), all-gather, broadcast and barrier, each waited on
+// with a timeout. Tensors are tch's (`at::Tensor*`). Errors never cross into Rust as
+// exceptions: they are written into `err` and the call returns non-zero (or null).
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+struct cps3d_store {
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
+struct cps3d_pg {
+  c10::intrusive_ptr<c10d::Backend> backend;
+};
+
+namespace {
+void put_error(char* err, size_t n, const std::string& message) {
+  if (err == nullptr || n == 0) return;
+  size_t k = std::min(n - 1, message.size());
+  std::memcpy(err, message.data(), k);
+  err[k] = '\0';
+}
+
+// c10::Error's what() carries a C++ backtrace; its message alone says what happened.
+std::string message_of(const std::exception& e) {
+  if (auto c = dynamic_cast<const c10::Error*>(&e)) return c->msg();
+  return e.what();
+}
+
+template <typename F>
+int guarded(char* err, size_t n, F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    put_error(err, n, message_of(e));
+  } catch (...) {
+    put_error(err, n, "unknown C++ exception");
+  }
+  return 1;
+}
+
+std::vector<at::Tensor> tensors(at::Tensor** ts, int count) {
+  std::vector<at::Tensor> v;
+  v.reserve(count);
+  for (int i = 0; i < count; i++) v.push_back(*ts[i]);
+  return v;
+}
+
+void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t timeout_ms) {
+  work->wait(std::chrono::milliseconds(timeout_ms));
+}
+}  // namespace
+
+extern "C" {
+
+// Rank 0 serves the store; the others connect, all waiting for the whole world.
+cps3d_store* cps3d_store_tcp(const char* host, int port, int rank, int world, int64_t timeout_ms, char* err,
+                             size_t n) {
+  cps3d_store* out = nullptr;
+  guarded(err, n, [&] {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<uint16_t>(port);
+    o.isServer = rank == 0;
+    o.numWorkers = world;
+    o.waitWorkers = true;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    out = new cps3d_store{c10::make_intrusive<c10d::TCPStore>(std::string(host), o)};
+  });
+  return out;
+}
+
+void cps3d_store_free(cps3d_store* s) { delete s; }
+
+// A Gloo group on the store under its own prefix (one store serves several groups:
+// one per sibling network), its connections made to `host`.
+cps3d_pg* cps3d_pg_gloo(cps3d_store* s, const char* prefix, const char* host, int rank, int world,
+                        int64_t timeout_ms, char* err, size_t n) {
+  cps3d_pg* pg = nullptr;
+  guarded(err, n, [&] {
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store);
+    auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+    pg = new cps3d_pg{c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options)};
+  });
+  return pg;
+}
+
+void cps3d_pg_free(cps3d_pg* pg) { delete pg; }
+
+// One tensor: a list would be summed across its entries too (c10d's multi-device form);
+// the caller flattens what it reduces into one buffer, as DDP's buckets do.
+int cps3d_pg_allreduce_sum(cps3d_pg* pg, at::Tensor* t, int64_t timeout_ms, char* err, size_t n) {
+  return guarded(err, n, [&] {
+    std::vector<at::Tensor> v = {*t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    wait(pg->backend->allreduce(v, o), timeout_ms);
+  });
+}
+
+int cps3d_pg_allgather(cps3d_pg* pg, at::Tensor* input, at::Tensor** outputs, int world, int64_t timeout_ms,
+                       char* err, size_t n) {
+  return guarded(err, n, [&] {
+    std::vector<at::Tensor> in = {*input};
+    std::vector<std::vector<at::Tensor>> out = {tensors(outputs, world)};
+    c10d::AllgatherOptions o;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    wait(pg->backend->allgather(out, in, o), timeout_ms);
+  });
+}
+
+int cps3d_pg_broadcast(cps3d_pg* pg, at::Tensor* t, int root, int64_t timeout_ms, char* err, size_t n) {
+  return guarded(err, n, [&] {
+    std::vector<at::Tensor> v = {*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    wait(pg->backend->broadcast(v, o), timeout_ms);
+  });
+}
+
+int cps3d_pg_barrier(cps3d_pg* pg, int64_t timeout_ms, char* err, size_t n) {
+  return guarded(err, n, [&] {
+    c10d::BarrierOptions o;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    wait(pg->backend->barrier(o), timeout_ms);
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,318 @@
+//! Data parallelism across processes on PyTorch's own distributed engine, c10d: a
+//! `TCPStore` rendezvous and Gloo process groups (CPU tensors), bound through the small
+//! C++ shim `c10d_shim.cpp` that `build.rs` compiles against libtorch's headers. No
+//! networking of our own: every byte between ranks goes through c10d.
+//!
+//! Every collective waits at most the group's timeout and returns an error instead of
+//! hanging when a peer is gone (Gloo reports the broken connection at once).
+
+pub mod launch;
+
+use std::ffi::{c_char, CString};
+use std::time::Duration;
+
+use tch::{Kind, Tensor};
+
+#[repr(C)]
+struct RawGroup {
+    _private: [u8; 0],
+}
+
+#[repr(C)]
+struct RawStore {
+    _private: [u8; 0],
+}
+
+type CTensor = torch_sys::C_tensor;
+
+extern "C" {
+    fn cps3d_store_tcp(
+        host: *const c_char,
+        port: i32,
+        rank: i32,
+        world: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> *mut RawStore;
+    fn cps3d_store_free(s: *mut RawStore);
+    fn cps3d_pg_gloo(
+        store: *mut RawStore,
+        prefix: *const c_char,
+        host: *const c_char,
+        rank: i32,
+        world: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> *mut RawGroup;
+    fn cps3d_pg_free(pg: *mut RawGroup);
+    fn cps3d_pg_allreduce_sum(pg: *mut RawGroup, t: *mut CTensor, timeout_ms: i64, err: *mut c_char, n: usize) -> i32;
+    fn cps3d_pg_allgather(
+        pg: *mut RawGroup,
+        input: *mut CTensor,
+        outputs: *mut *mut CTensor,
+        world: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> i32;
+    fn cps3d_pg_broadcast(
+        pg: *mut RawGroup,
+        t: *mut CTensor,
+        root: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> i32;
+    fn cps3d_pg_barrier(pg: *mut RawGroup, timeout_ms: i64, err: *mut c_char, n: usize) -> i32;
+}
+
+/// Room for a c10d error message.
+const ERR_LEN: usize = 2048;
+
+fn message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// The rendezvous every group of a run meets at: c10d's `TCPStore`, served by rank 0.
+pub struct Store {
+    raw: *mut RawStore,
+    host: String,
+    port: u16,
+    rank: usize,
+    world: usize,
+}
+
+// The TCPStore client is thread-safe (c10d locks it).
+unsafe impl Send for Store {}
+unsafe impl Sync for Store {}
+
+impl Store {
+    /// Serves (rank 0) or joins the store at `host:port`, waiting at most `timeout` for
+    /// all `world` ranks.
+    pub fn tcp(host: &str, port: u16, rank: usize, world: usize, timeout: Duration) -> Result<Store, String> {
+        if world == 0 || rank >= world {
+            return Err(format!("rank {rank} of a world of {world}: ranks are 0..world"));
+        }
+        let c_host = CString::new(host).map_err(|_| format!("host {host:?} holds a NUL byte"))?;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: the string outlives the call; err has ERR_LEN bytes.
+        let raw = unsafe {
+            cps3d_store_tcp(
+                c_host.as_ptr(),
+                port as i32,
+                rank as i32,
+                world as i32,
+                millis(timeout),
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        };
+        if raw.is_null() {
+            return Err(format!(
+                "rank {rank} of {world}: no rendezvous at {host}:{port} within {} s (are all ranks started, and is \
+                 the address rank 0's?): {}",
+                timeout.as_secs(),
+                message(&err)
+            ));
+        }
+        Ok(Store { raw, host: host.to_string(), port, rank, world })
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: raw came from cps3d_store_tcp and is freed once (groups hold their own reference).
+        unsafe { cps3d_store_free(self.raw) }
+    }
+}
+
+/// One process group: this rank's handle on a set of ranks that reduce together.
+pub struct ProcessGroup {
+    raw: *mut RawGroup,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    name: String,
+}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProcessGroup({}, rank {} of {})", self.name, self.rank, self.world)
+    }
+}
+
+// c10d backends are thread-safe; the handle is used by one thread at a time anyway.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// This rank's Gloo group `name` over every rank of the store, each collective waiting
+    /// at most `timeout`.
+    pub fn gloo(store: &Store, name: &str, timeout: Duration) -> Result<Self, String> {
+        let c_name = CString::new(name).map_err(|_| format!("group name {name:?} holds a NUL byte"))?;
+        // Gloo connects ranks by address: the loopback name as a number, others as given.
+        let host = if store.host == "localhost" { "127.0.0.1" } else { store.host.as_str() };
+        let c_host = CString::new(host).map_err(|_| format!("host {host:?} holds a NUL byte"))?;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: store is live; the strings outlive the call; err has ERR_LEN bytes.
+        let raw = unsafe {
+            cps3d_pg_gloo(
+                store.raw,
+                c_name.as_ptr(),
+                c_host.as_ptr(),
+                store.rank as i32,
+                store.world as i32,
+                millis(timeout),
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        };
+        if raw.is_null() {
+            return Err(format!(
+                "rank {} could not form group {name} ({} ranks, store at {}:{}) within {} s: {}",
+                store.rank,
+                store.world,
+                store.host,
+                store.port,
+                timeout.as_secs(),
+                message(&err)
+            ));
+        }
+        Ok(ProcessGroup { raw, rank: store.rank, world: store.world, timeout, name: name.to_string() })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    fn timeout_ms(&self) -> i64 {
+        millis(self.timeout)
+    }
+
+    fn check(&self, what: &str, code: i32, err: &[u8]) -> Result<(), String> {
+        if code == 0 {
+            return Ok(());
+        }
+        Err(format!(
+            "rank {} of group {} ({} ranks): {what} failed (a peer died, hung past {} s or lost its network): {}",
+            self.rank,
+            self.name,
+            self.world,
+            self.timeout.as_secs(),
+            message(err)
+        ))
+    }
+
+    /// Sums `t` (contiguous, on the CPU for Gloo) over the ranks, in place.
+    pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), String> {
+        contiguous_cpu(t, "all-reduce")?;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: t is a live tch tensor (an at::Tensor*); err has ERR_LEN bytes.
+        let code = unsafe {
+            cps3d_pg_allreduce_sum(
+                self.raw,
+                t.as_mut_ptr(),
+                self.timeout_ms(),
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        };
+        self.check("all-reduce", code, &err)
+    }
+
+    /// Every rank's `t`, in rank order.
+    pub fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>, String> {
+        let mut input = t.contiguous();
+        contiguous_cpu(&input, "all-gather")?;
+        let mut outputs: Vec<Tensor> = (0..self.world).map(|_| input.empty_like()).collect();
+        let mut ptrs: Vec<*mut CTensor> = outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: input and outputs live through the call; ptrs has world entries.
+        let code = unsafe {
+            cps3d_pg_allgather(
+                self.raw,
+                input.as_mut_ptr(),
+                ptrs.as_mut_ptr(),
+                self.world as i32,
+                self.timeout_ms(),
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        };
+        self.check("all-gather", code, &err)?;
+        Ok(outputs)
+    }
+
+    /// Rank `root`'s `t` on every rank, in place.
+    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), String> {
+        contiguous_cpu(t, "broadcast")?;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: as in all_reduce_sum.
+        let code = unsafe {
+            cps3d_pg_broadcast(
+                self.raw,
+                t.as_mut_ptr(),
+                root as i32,
+                self.timeout_ms(),
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        };
+        self.check("broadcast", code, &err)
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&self) -> Result<(), String> {
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: err has ERR_LEN bytes.
+        let code = unsafe { cps3d_pg_barrier(self.raw, self.timeout_ms(), err.as_mut_ptr() as *mut c_char, ERR_LEN) };
+        self.check("barrier", code, &err)
+    }
+
+    /// The mean over the ranks of each tensor, in place, in one all-reduce: the tensors
+    /// (gradients, say) are packed into one float32 buffer, as DDP's buckets are.
+    pub fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), String> {
+        if tensors.is_empty() {
+            return Ok(());
+        }
+        let flat: Vec<Tensor> = tensors.iter().map(|t| t.to_kind(Kind::Float).reshape([-1])).collect();
+        let mut buffer = Tensor::cat(&flat, 0);
+        self.all_reduce_sum(&mut buffer)?;
+        let _ = buffer.g_div_scalar_(self.world as f64);
+        let mut offset = 0;
+        for t in tensors.iter_mut() {
+            let n = t.numel() as i64;
+            let part = buffer.narrow(0, offset, n).reshape(t.size()).to_kind(t.kind());
+            tch::no_grad(|| t.copy_(&part));
+            offset += n;
+        }
+        Ok(())
+    }
+}
+
+fn contiguous_cpu(t: &Tensor, what: &str) -> Result<(), String> {
+    if t.device() != tch::Device::Cpu {
+        return Err(format!("{what}: Gloo reduces CPU tensors, this one is on {:?}", t.device()));
+    }
+    if !t.is_contiguous() {
+        return Err(format!("{what}: the tensor must be contiguous"));
+    }
+    Ok(())
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: raw came from cps3d_pg_gloo and is freed once.
+        unsafe { cps3d_pg_free(self.raw) }
+    }
+}

@@ -1,0 +1,125 @@
+//! c10d through the shim: Gloo process groups of real processes on 127.0.0.1. Each test
+//! starts its ranks as copies of this test binary (running only itself, with the rank in
+//! the environment), and ends them.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cps3d::distributed::{ProcessGroup, Store};
+use tch::Tensor;
+
+const RANK_ENV: &str = "CPS3D_TEST_RANK";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts rank 1.. of `test` as child processes; this process is rank 0.
+fn start_ranks(test: &str, world: usize, port: u16, extra: &[(&str, &str)]) -> Vec<Child> {
+    (1..world)
+        .map(|rank| {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([test, "--exact", "--nocapture", "--test-threads", "1"])
+                .env(RANK_ENV, rank.to_string())
+                .env("CPS3D_TEST_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in extra {
+                c.env(k, v);
+            }
+            c.spawn().unwrap()
+        })
+        .collect()
+}
+
+/// (rank, port) of this process: rank 0 unless started by [`start_ranks`].
+fn role() -> (usize, Option<u16>) {
+    let rank = std::env::var(RANK_ENV).map(|r| r.parse().unwrap()).unwrap_or(0);
+    let port = std::env::var("CPS3D_TEST_PORT").ok().map(|p| p.parse().unwrap());
+    (rank, port)
+}
+
+fn finish(children: Vec<Child>) {
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "a rank failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn gloo_collectives_across_three_processes() {
+    let (rank, port) = role();
+    let world = 3;
+    let port = port.unwrap_or_else(free_port);
+    let children =
+        if rank == 0 { start_ranks("gloo_collectives_across_three_processes", world, port, &[]) } else { vec![] };
+    let store = Store::tcp("127.0.0.1", port, rank, world, Duration::from_secs(30)).unwrap();
+    // Two groups on one store, as the two siblings' gradients have.
+    let pg = ProcessGroup::gloo(&store, "sibling0", Duration::from_secs(30)).unwrap();
+    let other = ProcessGroup::gloo(&store, "sibling1", Duration::from_secs(30)).unwrap();
+    assert_eq!((pg.rank(), pg.world()), (rank, world));
+    let mut o = Tensor::from_slice(&[1.0f32]);
+    other.all_reduce_sum(&mut o).unwrap();
+    assert_eq!(o.double_value(&[0]), 3.0);
+    let mut t = Tensor::from_slice(&[rank as f32 + 1.0, 10.0]);
+    pg.all_reduce_sum(&mut t).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [6.0, 30.0]);
+    let gathered = pg.all_gather(&Tensor::from_slice(&[rank as i64; 2])).unwrap();
+    let gathered: Vec<Vec<i64>> = gathered.iter().map(|g| Vec::try_from(g).unwrap()).collect();
+    assert_eq!(gathered, [[0, 0], [1, 1], [2, 2]]);
+    let mut b = Tensor::from_slice(&[rank as f64 * 7.0]);
+    pg.broadcast(&mut b, 2).unwrap();
+    assert_eq!(b.double_value(&[0]), 14.0);
+    // Means of several tensors of other shapes and kinds, in one all-reduce.
+    let mut grads = vec![
+        Tensor::full([2, 2], rank as f64, (tch::Kind::Float, tch::Device::Cpu)),
+        Tensor::from_slice(&[rank as f64 * 3.0]),
+    ];
+    pg.all_reduce_mean(&mut grads).unwrap();
+    assert_eq!(Vec::<f32>::try_from(grads[0].reshape([-1])).unwrap(), [1.0; 4]);
+    assert_eq!(grads[1].double_value(&[0]), 3.0);
+    assert_eq!(grads[1].kind(), tch::Kind::Double);
+    pg.barrier().unwrap();
+    finish(children);
+}
+
+#[test]
+fn a_rank_that_dies_ends_the_others_collective_with_an_error_not_a_hang() {
+    let test = "a_rank_that_dies_ends_the_others_collective_with_an_error_not_a_hang";
+    let (rank, port) = role();
+    let port = port.unwrap_or_else(free_port);
+    let children = if rank == 0 { start_ranks(test, 2, port, &[]) } else { vec![] };
+    let store = Store::tcp("127.0.0.1", port, rank, 2, Duration::from_secs(20)).unwrap();
+    let pg = ProcessGroup::gloo(&store, "test", Duration::from_secs(20)).unwrap();
+    let mut t = Tensor::from_slice(&[1.0f32]);
+    pg.all_reduce_sum(&mut t).unwrap();
+    if rank == 1 {
+        // Gone without a word, as a killed process is.
+        std::process::exit(0);
+    }
+    let start = Instant::now();
+    let e = pg.all_reduce_sum(&mut t).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
+    assert!(e.contains("rank 0 of group test (2 ranks): all-reduce failed"), "{e}");
+    for c in children {
+        let _ = c.wait_with_output();
+    }
+}
+
+#[test]
+fn a_rank_that_never_comes_is_reported_after_the_timeout() {
+    let port = free_port();
+    let start = Instant::now();
+    let e = match Store::tcp("127.0.0.1", port, 0, 2, Duration::from_secs(2)) {
+        Ok(_) => panic!("a store of 2 ranks formed with one"),
+        Err(e) => e,
+    };
+    assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
+    assert!(e.contains(&format!("rank 0 of 2: no rendezvous at 127.0.0.1:{port} within 2 s")), "{e}");
+    assert!(Store::tcp("127.0.0.1", port, 2, 2, Duration::from_secs(1)).err().unwrap().contains("ranks are 0..world"));
+}
