@@ -1,6 +1,6 @@
 //! Small helpers shared by the pipeline stages.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -121,6 +121,91 @@ pub fn check_workers(n: usize) -> std::result::Result<usize, String> {
     Ok(n)
 }
 
+/// Part `index` of `count` (0-based) of a job split over processes: `--part I/N`, or a
+/// Slurm job array's task among its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Part {
+    /// Whether the `i`-th case (in the dataset's order) is this part's: round robin,
+    /// so that every part gets labeled and unlabeled cases alike.
+    pub fn owns(&self, i: usize) -> bool {
+        i % self.count == self.index
+    }
+
+    /// The file a part writes beside `out`: `OUT.part-I-of-N`.
+    pub fn file(&self, out: &Path) -> PathBuf {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".part-{}-of-{}", self.index, self.count));
+        out.with_file_name(name)
+    }
+}
+
+impl std::str::FromStr for Part {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Part, String> {
+        let bad = || format!("\"{s}\" is not I/N with 0 <= I < N (e.g. 0/3)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (usize, usize) =
+            (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Part { index, count })
+    }
+}
+
+/// How many parts the split whose part files lie beside `out` has (`OUT.part-I-of-N`):
+/// refused when there are none, or parts of several splits.
+pub fn part_count(out: &Path) -> Result<usize> {
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = format!("{}.part-", out.file_name().unwrap_or_default().to_string_lossy());
+    let mut counts = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((_, n)) = name.strip_prefix(&stem).and_then(|rest| rest.split_once("-of-")) {
+            if let Ok(n) = n.parse::<usize>() {
+                counts.insert(n);
+            }
+        }
+    }
+    match counts.len() {
+        0 => Err(Error::invalid(out, format!("no part files ({stem}I-of-N) to merge in {}", dir.display()))),
+        1 => Ok(*counts.first().expect("one")),
+        _ => Err(Error::invalid(
+            out,
+            format!(
+                "parts of several splits (of {}) beside it: remove the stale ones",
+                counts.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+/// The part a Slurm job array task is (`SLURM_ARRAY_TASK_ID` counted from
+/// `SLURM_ARRAY_TASK_MIN`, of `SLURM_ARRAY_TASK_COUNT`), if this is one.
+pub fn slurm_array_part(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Option<Part>, String> {
+    let number = |k: &str| -> std::result::Result<Option<usize>, String> {
+        get(k).map(|v| v.trim().parse().map_err(|_| format!("{k}={v:?} is not a whole number"))).transpose()
+    };
+    let (Some(id), Some(count)) = (number("SLURM_ARRAY_TASK_ID")?, number("SLURM_ARRAY_TASK_COUNT")?) else {
+        return Ok(None);
+    };
+    let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+    let index =
+        id.checked_sub(min).ok_or_else(|| format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))?;
+    if count == 0 || index >= count {
+        return Err(format!(
+            "SLURM_ARRAY_TASK_ID {id} (from {min}) is not one of {count} tasks: use --array=0-{} (no step)",
+            count.saturating_sub(1)
+        ));
+    }
+    Ok(Some(Part { index, count }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +229,33 @@ mod tests {
         let gone = dir.path().join("gone");
         let e = FolderLock::shared(&gone, "reading the shards").err().unwrap().to_string();
         assert_eq!(e, format!("{}: reading the shards: no such folder", gone.display()));
+    }
+}
+
+#[cfg(test)]
+mod part_tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_read_from_flags_and_slurm_arrays() {
+        assert_eq!("2/3".parse::<Part>().unwrap(), Part { index: 2, count: 3 });
+        for bad in ["3/3", "0/0", "1", "a/2", "-1/2"] {
+            assert!(bad.parse::<Part>().is_err(), "{bad}");
+        }
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(slurm_array_part(env(&[])).unwrap(), None);
+        let p = slurm_array_part(env(&[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "4"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ]));
+        assert_eq!(p.unwrap(), Some(Part { index: 1, count: 3 }));
+        let stepped = slurm_array_part(env(&[("SLURM_ARRAY_TASK_ID", "8"), ("SLURM_ARRAY_TASK_COUNT", "3")]));
+        assert!(stepped.unwrap_err().contains("--array=0-2"));
+        let owned: Vec<usize> = (0..7).filter(|&i| Part { index: 1, count: 3 }.owns(i)).collect();
+        assert_eq!(owned, [1, 4]);
+        assert_eq!(Part { index: 1, count: 3 }.file(Path::new("a/fp.json")), Path::new("a/fp.json.part-1-of-3"));
     }
 }

@@ -4,8 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{progress, Zyx};
-use cps3d::planning::fingerprint::{fingerprint_dataset, Fingerprint};
+use cps3d::planning::fingerprint::{fingerprint_dataset, fingerprint_part, merge_parts, Fingerprint};
 use cps3d::planning::plan::{check_preprocess_memory, plan, PlanOverrides, Plans};
+use cps3d::util::Part;
 
 #[derive(Args, Debug)]
 pub struct FingerprintArgs {
@@ -18,17 +19,81 @@ pub struct FingerprintArgs {
     #[arg(short = 'j', long, default_value_t = super::default_workers())]
     #[arg(value_parser = super::workers, allow_negative_numbers = true)]
     workers: usize,
+    /// Fingerprint only part I of N (0-based; every N-th case from the I-th) into
+    /// OUT.part-I-of-N, for --merge to combine; `slurm` takes I and N from a job array
+    /// (SLURM_ARRAY_TASK_ID, _MIN, _COUNT).
+    #[arg(long, conflicts_with = "merge")]
+    part: Option<PartArg>,
+    /// Combine the parts beside OUT (all N of them, made for this dataset's current case
+    /// list) into OUT: the same file one process writes.
+    #[arg(long)]
+    merge: bool,
+}
+
+/// `--part I/N` or `--part slurm`.
+#[derive(Debug, Clone)]
+pub(crate) enum PartArg {
+    Given(Part),
+    Slurm,
+}
+
+impl std::str::FromStr for PartArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "slurm" {
+            Ok(PartArg::Slurm)
+        } else {
+            s.parse().map(PartArg::Given)
+        }
+    }
+}
+
+impl PartArg {
+    pub(crate) fn resolve(&self) -> Result<Part> {
+        match self {
+            PartArg::Given(p) => Ok(*p),
+            PartArg::Slurm => cps3d::util::slurm_array_part(|k| std::env::var(k).ok())
+                .map_err(|e| anyhow::anyhow!("--part slurm: {e}"))?
+                .context(
+                    "--part slurm: SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT are not set (not a job array task)",
+                ),
+        }
+    }
 }
 
 pub fn fingerprint(a: FingerprintArgs) -> Result<()> {
-    let total = cps3d::dataset::RawDataset::open(&a.dataset).map(|d| d.cases().count()).unwrap_or(0);
-    let pb = progress::bar(total as u64, "fingerprint");
-    let fp = fingerprint_dataset(&a.dataset, a.workers, |id| {
-        pb.set_message(id.to_string());
-        pb.inc(1)
-    })
-    .with_context(|| format!("fingerprinting {}", a.dataset.display()))?;
-    pb.finish_and_clear();
+    if let Some(part) = &a.part {
+        let part = part.resolve()?;
+        let file = part.file(&a.out);
+        let p = fingerprint_part(&a.dataset, part, &a.out, a.workers, |_| {})
+            .with_context(|| format!("fingerprinting part {}/{} of {}", part.index, part.count, a.dataset.display()))?;
+        println!(
+            "wrote {} ({} of {} case(s) of its share fingerprinted)",
+            file.display(),
+            p.cases.len(),
+            p.share.len()
+        );
+        for f in &p.failed_cases {
+            eprintln!("failed: {}: {}", f.id, f.error);
+        }
+        if !p.failed_cases.is_empty() {
+            bail!("{} case(s) could not be fingerprinted (recorded in {})", p.failed_cases.len(), file.display());
+        }
+        return Ok(());
+    }
+    let fp = if a.merge {
+        merge_parts(&a.dataset, &a.out).with_context(|| format!("merging the parts of {}", a.out.display()))?
+    } else {
+        let total = cps3d::dataset::RawDataset::open(&a.dataset).map(|d| d.cases().count()).unwrap_or(0);
+        let pb = progress::bar(total as u64, "fingerprint");
+        let fp = fingerprint_dataset(&a.dataset, a.workers, |id| {
+            pb.set_message(id.to_string());
+            pb.inc(1)
+        })
+        .with_context(|| format!("fingerprinting {}", a.dataset.display()))?;
+        pb.finish_and_clear();
+        fp
+    };
     fp.write(&a.out)?;
     print_fingerprint(&fp);
     println!("wrote {}", a.out.display());

@@ -5,7 +5,7 @@ use clap::Args;
 
 use super::{progress, Zyx};
 use cps3d::planning::plan::Plans;
-use cps3d::preprocessing::{preprocess_dataset, PreprocessOptions};
+use cps3d::preprocessing::{merge_parts, preprocess_dataset, PreprocessOptions};
 
 #[derive(Args, Debug)]
 pub struct PreprocessArgs {
@@ -33,22 +33,51 @@ pub struct PreprocessArgs {
     /// zstd level of the shards.
     #[arg(long, value_parser = clap::value_parser!(i32).range(-131072..=22), allow_negative_numbers = true)]
     zstd_level: Option<i32>,
+    /// Preprocess only part I of N (0-based; every N-th case from the I-th), e.g. one task
+    /// of a cluster job; its case list goes to manifest.json.part-I-of-N for --merge.
+    /// `slurm` takes I and N from a job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT).
+    #[arg(long, conflicts_with = "merge")]
+    part: Option<super::planning::PartArg>,
+    /// Write manifest.json from the parts' lists once all N parts have run: the same file
+    /// one process writes. Missing parts and missing or stale shards are refused by name.
+    #[arg(long)]
+    merge: bool,
 }
 
 pub fn run(a: PreprocessArgs) -> Result<()> {
     let plans = Plans::read(&a.plans)?;
+    if a.merge {
+        let m = merge_parts(&a.dataset, &plans, &a.out, &a.configuration)
+            .with_context(|| format!("merging the preprocessing parts in {}", a.out.display()))?;
+        println!(
+            "wrote {}: {} case(s), {} failed",
+            a.out.join(cps3d::preprocessing::MANIFEST).display(),
+            m.cases.len(),
+            m.failed.len()
+        );
+        for f in &m.failed {
+            eprintln!("failed: {}: {}", f.id, f.error);
+        }
+        return Ok(());
+    }
+    let part = a.part.as_ref().map(|p| p.resolve()).transpose()?;
     let mut opts = PreprocessOptions {
         configuration: a.configuration.clone(),
         workers: a.workers,
         overwrite: a.overwrite,
+        part,
         ..Default::default()
     };
     opts.brick_shape = a.brick.map(|b| b.0);
     if let Some(l) = a.zstd_level {
         opts.zstd_level = l;
     }
-    let total = cps3d::dataset::RawDataset::open(&a.dataset).map(|d| d.cases().count()).unwrap_or(0);
-    check_memory(&a, &plans, total)?;
+    let all = cps3d::dataset::RawDataset::open(&a.dataset).map(|d| d.cases().count()).unwrap_or(0);
+    check_memory(&a, &plans, all)?;
+    let total = match part {
+        Some(p) => (0..all).filter(|&i| p.owns(i)).count(),
+        None => all,
+    };
     let pb = progress::bar(total as u64, "preprocess");
     let summary = super::no_panic("preprocess", || {
         Ok(preprocess_dataset(&a.dataset, &plans, &a.out, &opts, |id, ok| {
@@ -73,6 +102,15 @@ pub fn run(a: PreprocessArgs) -> Result<()> {
         summary.shard_bytes as f64 / 1e6,
         a.out.display()
     );
+    if let Some(p) = part {
+        println!(
+            "part {}/{}: its case list is in {}; run `cps3d preprocess ... --merge` once all {} parts are done",
+            p.index,
+            p.count,
+            p.file(&a.out.join(cps3d::preprocessing::MANIFEST)).display(),
+            p.count
+        );
+    }
     if !summary.failed.is_empty() {
         for f in &summary.failed {
             eprintln!("failed: {}: {}", f.id, f.error);

@@ -286,6 +286,12 @@ impl RawDataset {
     pub fn cases(&self) -> impl Iterator<Item = &Case> {
         self.labeled.iter().chain(self.unlabeled.iter())
     }
+
+    /// The cases of one part of a split job: every `count`-th of [`Self::cases`], from
+    /// the `index`-th (round robin: every part gets labeled and unlabeled cases alike).
+    pub fn share(&self, part: crate::util::Part) -> Vec<Case> {
+        self.cases().enumerate().filter(|(i, _)| part.owns(*i)).map(|(_, c)| c.clone()).collect()
+    }
 }
 
 /// A problem when `dir` exists but is no folder (a file, a dangling link, ...): it would

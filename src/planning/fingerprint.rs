@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::intensity::{IntensityAccumulator, IntensityStats};
+use super::intensity::{AccumulatorState, IntensityAccumulator, IntensityStats};
 use crate::dataset::{Case, DatasetJson, RawDataset};
 use crate::error::{Error, Result};
+use crate::util::Part;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseFingerprint {
@@ -165,7 +166,14 @@ pub fn median(values: &mut [f64]) -> f64 {
 
 /// Fingerprints a raw dataset with `workers` threads. Cases that fail are listed in
 /// `failed_cases` (file and reason) and left out of the statistics.
-pub fn fingerprint_dataset(root: &Path, workers: usize, mut on_case: impl FnMut(&str)) -> Result<Fingerprint> {
+pub fn fingerprint_dataset(root: &Path, workers: usize, on_case: impl FnMut(&str)) -> Result<Fingerprint> {
+    let ds = open_dataset(root)?;
+    let items: Vec<Case> = ds.cases().cloned().collect();
+    let scan = scan_cases(items, ds.json.channels.len(), workers, on_case);
+    finish(root, &ds.json, scan)
+}
+
+fn open_dataset(root: &Path) -> Result<RawDataset> {
     let ds = RawDataset::open(root)?;
     if let Some(e) = ds.layout_problems.first() {
         return Err(Error::invalid(
@@ -173,13 +181,25 @@ pub fn fingerprint_dataset(root: &Path, workers: usize, mut on_case: impl FnMut(
             format!("{} layout problem(s), first: {e} (run `cps3d dataset check`)", ds.layout_problems.len()),
         ));
     }
-    let json: &DatasetJson = &ds.json;
-    let n_channels = json.channels.len();
-    let mut all: Vec<IntensityAccumulator> = vec![IntensityAccumulator::default(); n_channels];
-    let mut fg: Vec<IntensityAccumulator> = vec![IntensityAccumulator::default(); n_channels];
-    let mut cases: Vec<CaseFingerprint> = Vec::new();
-    let mut failed = Vec::new();
-    let items: Vec<Case> = ds.cases().cloned().collect();
+    Ok(ds)
+}
+
+/// What scanning some of the cases gives: their fingerprints, failures and the
+/// per-channel accumulators.
+struct Scan {
+    cases: Vec<CaseFingerprint>,
+    failed: Vec<FailedCase>,
+    all: Vec<IntensityAccumulator>,
+    fg: Vec<IntensityAccumulator>,
+}
+
+fn scan_cases(items: Vec<Case>, n_channels: usize, workers: usize, mut on_case: impl FnMut(&str)) -> Scan {
+    let mut scan = Scan {
+        cases: Vec::new(),
+        failed: Vec::new(),
+        all: vec![IntensityAccumulator::default(); n_channels],
+        fg: vec![IntensityAccumulator::default(); n_channels],
+    };
     cps3d_actors::pool::for_each_bounded(
         items,
         workers,
@@ -187,21 +207,27 @@ pub fn fingerprint_dataset(root: &Path, workers: usize, mut on_case: impl FnMut(
         |r| match r {
             Ok((id, Ok(res))) => {
                 for c in 0..n_channels {
-                    all[c].merge(&res.all[c]);
-                    fg[c].merge(&res.foreground[c]);
+                    scan.all[c].merge(&res.all[c]);
+                    scan.fg[c].merge(&res.foreground[c]);
                 }
                 on_case(&id);
-                cases.push(res.fp);
+                scan.cases.push(res.fp);
             }
             Ok((id, Err(e))) => {
                 on_case(&id);
-                failed.push(FailedCase { id, error: e.to_string() });
+                scan.failed.push(FailedCase { id, error: e.to_string() });
             }
-            Err(p) => failed.push(FailedCase { id: "?".into(), error: format!("worker panicked: {p}") }),
+            Err(p) => scan.failed.push(FailedCase { id: "?".into(), error: format!("worker panicked: {p}") }),
         },
     );
+    scan
+}
+
+/// The fingerprint of everything scanned: sorted, medians over the labeled cases.
+fn finish(root: &Path, json: &DatasetJson, scan: Scan) -> Result<Fingerprint> {
+    let Scan { mut cases, failed: mut failed_cases, all, fg } = scan;
     cases.sort_by(|a, b| (!a.labeled, &a.id).cmp(&(!b.labeled, &b.id)));
-    failed.sort_by(|a, b| a.id.cmp(&b.id));
+    failed_cases.sort_by(|a, b| a.id.cmp(&b.id));
     let labeled: Vec<&CaseFingerprint> = cases.iter().filter(|c| c.labeled).collect();
     if labeled.is_empty() {
         return Err(Error::invalid(root, "no labeled case could be fingerprinted"));
@@ -235,6 +261,97 @@ pub fn fingerprint_dataset(root: &Path, workers: usize, mut on_case: impl FnMut(
         median_spacing,
         median_shape_after_crop,
         median_relative_size_after_crop,
-        failed_cases: failed,
+        failed_cases,
     })
+}
+
+/// What `fingerprint --part` writes: the share's case fingerprints and failures and the
+/// accumulators, which merge exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FingerprintPart {
+    pub dataset_root: PathBuf,
+    pub part: usize,
+    pub parts: usize,
+    /// The cases this part was given (its share of the dataset as listed then).
+    pub share: Vec<String>,
+    pub cases: Vec<CaseFingerprint>,
+    pub failed_cases: Vec<FailedCase>,
+    pub all_voxels: Vec<AccumulatorState>,
+    pub foreground: Vec<AccumulatorState>,
+}
+
+/// Fingerprints part `part` of the dataset and writes it to `part.file(out)`.
+pub fn fingerprint_part(
+    root: &Path,
+    part: Part,
+    out: &Path,
+    workers: usize,
+    on_case: impl FnMut(&str),
+) -> Result<FingerprintPart> {
+    let ds = open_dataset(root)?;
+    let items = ds.share(part);
+    let share: Vec<String> = items.iter().map(|c| c.id.clone()).collect();
+    let scan = scan_cases(items, ds.json.channels.len(), workers, on_case);
+    let mut result = FingerprintPart {
+        dataset_root: root.to_path_buf(),
+        part: part.index,
+        parts: part.count,
+        share,
+        cases: scan.cases,
+        failed_cases: scan.failed,
+        all_voxels: scan.all.iter().map(AccumulatorState::from).collect(),
+        foreground: scan.fg.iter().map(AccumulatorState::from).collect(),
+    };
+    result.cases.sort_by(|a, b| a.id.cmp(&b.id));
+    crate::util::write_json_atomic(&part.file(out), &result)?;
+    Ok(result)
+}
+
+/// Merges the `count` parts written beside `out` into the fingerprint one process would
+/// have made, refusing a missing part, or one made for another dataset or case list.
+pub fn merge_parts(root: &Path, out: &Path) -> Result<Fingerprint> {
+    let ds = open_dataset(root)?;
+    let count = crate::util::part_count(out)?;
+    let n_channels = ds.json.channels.len();
+    let mut scan = Scan {
+        cases: Vec::new(),
+        failed: Vec::new(),
+        all: vec![IntensityAccumulator::default(); n_channels],
+        fg: vec![IntensityAccumulator::default(); n_channels],
+    };
+    for index in 0..count {
+        let part = Part { index, count };
+        let file = part.file(out);
+        if !file.exists() {
+            return Err(Error::invalid(
+                &file,
+                format!("missing: part {index} of {count} was not run or did not finish"),
+            ));
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let p: FingerprintPart = serde_json::from_str(&text).map_err(|e| Error::json(&file, e))?;
+        let expected: Vec<String> = ds.share(part).iter().map(|c| c.id.clone()).collect();
+        let stale = |why: String| Error::invalid(&file, format!("stale: {why}; run part {index}/{count} again"));
+        if p.part != index || p.parts != count || p.dataset_root != root {
+            return Err(stale(format!("made as part {}/{} of {}", p.part, p.parts, p.dataset_root.display())));
+        }
+        if p.share != expected {
+            return Err(stale(format!(
+                "made for another case list ({} cases, now {}): the dataset changed since",
+                p.share.len(),
+                expected.len()
+            )));
+        }
+        if p.all_voxels.len() != n_channels || p.foreground.len() != n_channels {
+            return Err(stale(format!("{} channel(s), the dataset has {n_channels}", p.all_voxels.len())));
+        }
+        for c in 0..n_channels {
+            let read = |s: &AccumulatorState| IntensityAccumulator::try_from(s).map_err(|e| Error::invalid(&file, e));
+            scan.all[c].merge(&read(&p.all_voxels[c])?);
+            scan.fg[c].merge(&read(&p.foreground[c])?);
+        }
+        scan.cases.extend(p.cases);
+        scan.failed.extend(p.failed_cases);
+    }
+    finish(root, &ds.json, scan)
 }

@@ -6,7 +6,9 @@
 //! accumulator: exact sums for mean and variance, an exact histogram for integer
 //! values (every CT stored as integers, i.e. almost all of them), and a
 //! relative-error log-bucket sketch (DDSketch-style, 0.1%) for anything else.
-//! Accumulators merge, so workers fill their own and the results are added.
+//! Accumulators merge, so workers fill their own and the results are added. The sums of
+//! integer values come from the histogram, exactly: merging in any order, or over any
+//! split of the cases (`fingerprint --part`), gives the same bits.
 
 use std::collections::BTreeMap;
 
@@ -18,9 +20,10 @@ const SKETCH_ALPHA: f64 = 0.001;
 /// Non-integers smaller than this in magnitude count as zero in the sketch.
 const SKETCH_MIN_MAGNITUDE: f64 = 1e-9;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IntensityAccumulator {
     count: u64,
+    /// Sums of the values not counted in `int_hist` (non-integers, or beyond its range).
     sum: f64,
     sum_sq: f64,
     min: f64,
@@ -51,6 +54,80 @@ impl Default for IntensityAccumulator {
     }
 }
 
+/// An accumulator as `fingerprint --part` writes it: every count, the histogram sparse.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AccumulatorState {
+    pub count: u64,
+    pub sum: f64,
+    pub sum_sq: f64,
+    /// Absent (null) when empty.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// (value, count) of the integer histogram's non-empty bins.
+    pub integers: Vec<(i64, u64)>,
+    /// (bucket key, count) of the sketch for positive and negative non-integers.
+    pub positive: Vec<(i32, u64)>,
+    pub negative: Vec<(i32, u64)>,
+    pub zero: u64,
+}
+
+impl From<&IntensityAccumulator> for AccumulatorState {
+    fn from(a: &IntensityAccumulator) -> Self {
+        AccumulatorState {
+            count: a.count,
+            sum: a.sum,
+            sum_sq: a.sum_sq,
+            min: a.min.is_finite().then_some(a.min),
+            max: a.max.is_finite().then_some(a.max),
+            integers: a
+                .int_hist
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(i, &c)| (i as i64 + INT_MIN, c))
+                .collect(),
+            positive: a.positive.iter().map(|(&k, &c)| (k, c)).collect(),
+            negative: a.negative.iter().map(|(&k, &c)| (k, c)).collect(),
+            zero: a.zero,
+        }
+    }
+}
+
+impl TryFrom<&AccumulatorState> for IntensityAccumulator {
+    type Error = String;
+    fn try_from(s: &AccumulatorState) -> Result<Self, String> {
+        let mut a = IntensityAccumulator {
+            count: s.count,
+            sum: s.sum,
+            sum_sq: s.sum_sq,
+            min: s.min.unwrap_or(f64::INFINITY),
+            max: s.max.unwrap_or(f64::NEG_INFINITY),
+            zero: s.zero,
+            positive: s.positive.iter().copied().collect(),
+            negative: s.negative.iter().copied().collect(),
+            ..Default::default()
+        };
+        if !s.integers.is_empty() {
+            a.int_hist = vec![0; INT_BINS];
+            for &(v, c) in &s.integers {
+                let i = v - INT_MIN;
+                if !(0..INT_BINS as i64).contains(&i) {
+                    return Err(format!("histogram value {v} is outside {INT_MIN}..{}", INT_MIN + INT_BINS as i64));
+                }
+                a.int_hist[i as usize] += c;
+            }
+        }
+        let counted = a.int_hist.iter().sum::<u64>()
+            + a.positive.values().sum::<u64>()
+            + a.negative.values().sum::<u64>()
+            + a.zero;
+        if counted != a.count {
+            return Err(format!("the histogram holds {counted} values, the count says {}", a.count));
+        }
+        Ok(a)
+    }
+}
+
 /// The summary written to fingerprint.json and used for normalisation.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntensityStats {
@@ -72,7 +149,7 @@ impl IntensityAccumulator {
     /// Adds a run of values. Non-finite values never get here (the NIfTI reader refuses
     /// such files); they are skipped anyway so they cannot poison the sums.
     pub fn add_slice(&mut self, values: &[f32]) {
-        // Sums per slice in f64, then folded in: cheap and accurate enough for 1e11 voxels.
+        // Non-integer sums per slice in f64, then folded in: accurate enough for 1e11 voxels.
         let (mut s, mut s2, mut n) = (0.0f64, 0.0f64, 0u64);
         let (mut lo, mut hi) = (self.min, self.max);
         for &v in values {
@@ -80,12 +157,13 @@ impl IntensityAccumulator {
                 continue;
             }
             let d = v as f64;
-            s += d;
-            s2 += d * d;
             n += 1;
             lo = lo.min(d);
             hi = hi.max(d);
-            self.bin(v);
+            if !self.bin(v) {
+                s += d;
+                s2 += d * d;
+            }
         }
         self.sum += s;
         self.sum_sq += s2;
@@ -98,25 +176,40 @@ impl IntensityAccumulator {
         self.add_slice(std::slice::from_ref(&v));
     }
 
+    /// Counts `v`; true when it went into the exact integer histogram.
     #[inline]
-    fn bin(&mut self, v: f32) {
+    fn bin(&mut self, v: f32) -> bool {
         let r = v.round();
         if r == v && (r as i64) >= INT_MIN && (r as i64) < INT_MIN + INT_BINS as i64 {
             if self.int_hist.is_empty() {
                 self.int_hist = vec![0; INT_BINS];
             }
             self.int_hist[(r as i64 - INT_MIN) as usize] += 1;
-            return;
+            return true;
         }
         let d = v as f64;
         let m = d.abs();
         if m < SKETCH_MIN_MAGNITUDE {
             self.zero += 1;
-            return;
+            return false;
         }
         let key = (m.ln() / self.ln_gamma).ceil() as i32;
         let map = if d > 0.0 { &mut self.positive } else { &mut self.negative };
         *map.entry(key).or_insert(0) += 1;
+        false
+    }
+
+    /// Exact sums of the histogram's values and of their squares.
+    fn integer_sums(&self) -> (i128, i128) {
+        let (mut s, mut s2) = (0i128, 0i128);
+        for (i, &c) in self.int_hist.iter().enumerate() {
+            if c > 0 {
+                let v = i as i128 + INT_MIN as i128;
+                s += v * c as i128;
+                s2 += v * v * c as i128;
+            }
+        }
+        (s, s2)
     }
 
     pub fn merge(&mut self, other: &IntensityAccumulator) {
@@ -200,9 +293,10 @@ impl IntensityAccumulator {
 
     pub fn stats(&self) -> IntensityStats {
         let n = self.count.max(1) as f64;
-        let mean = self.sum / n;
+        let (int_sum, int_sum_sq) = self.integer_sums();
+        let mean = (int_sum as f64 + self.sum) / n;
         // Population std, as numpy's default.
-        let var = (self.sum_sq / n - mean * mean).max(0.0);
+        let var = ((int_sum_sq as f64 + self.sum_sq) / n - mean * mean).max(0.0);
         let q = self.quantiles(&[0.005, 0.5, 0.995]);
         IntensityStats {
             count: self.count,
@@ -276,6 +370,42 @@ mod tests {
         assert_eq!(a.int_hist.len(), INT_BINS);
         assert!(a.positive.is_empty() && a.negative.is_empty());
         assert_eq!(a.count(), 5_000_000);
+    }
+
+    #[test]
+    fn merging_in_any_order_or_through_the_written_state_gives_the_same_bits() {
+        // Large integers: f64 sums of their squares would round differently per order.
+        let chunks: Vec<Vec<f32>> = (0..6)
+            .map(|k| (0..50_000).map(|i| (((i * 7919 + k * 104_729) % 6001) as f32) - 3000.5 + 0.5).collect())
+            .collect();
+        let mut mixed = chunks.clone();
+        mixed[2].extend([0.25f32, -7.5, 1e-12]);
+        let parts: Vec<IntensityAccumulator> = mixed
+            .iter()
+            .map(|c| {
+                let mut a = IntensityAccumulator::default();
+                a.add_slice(c);
+                a
+            })
+            .collect();
+        let merged = |order: &[usize]| {
+            let mut a = IntensityAccumulator::default();
+            for &i in order {
+                let back = IntensityAccumulator::try_from(&AccumulatorState::from(&parts[i])).unwrap();
+                assert_eq!(back, parts[i], "the written state reads back the same");
+                a.merge(&back);
+            }
+            a.stats()
+        };
+        let forward = merged(&[0, 1, 2, 3, 4, 5]);
+        for order in [[5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 4, 2]] {
+            let other = merged(&order);
+            assert_eq!(forward.mean.to_bits(), other.mean.to_bits());
+            assert_eq!(forward.std.to_bits(), other.std.to_bits());
+        }
+        let mut bad = AccumulatorState::from(&parts[0]);
+        bad.count += 1;
+        assert!(IntensityAccumulator::try_from(&bad).unwrap_err().contains("the count says"));
     }
 
     #[test]

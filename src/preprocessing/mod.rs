@@ -134,6 +134,9 @@ pub struct PreprocessOptions {
     pub zstd_level: i32,
     /// Redo cases whose shard exists.
     pub overwrite: bool,
+    /// Only this share of the cases; their list goes to a part manifest for
+    /// [`merge_parts`] instead of `manifest.json`.
+    pub part: Option<crate::util::Part>,
 }
 
 impl Default for PreprocessOptions {
@@ -144,6 +147,7 @@ impl Default for PreprocessOptions {
             brick_shape: None,
             zstd_level: cps3d_storage::DEFAULT_ZSTD_LEVEL,
             overwrite: false,
+            part: None,
         }
     }
 }
@@ -402,11 +406,22 @@ pub fn preprocess_dataset(
     }
     let target = target_spacing(plans, &opts.configuration)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    // Before the temporaries are swept: they may be another writer's files in flight.
-    let _lock = crate::util::FolderLock::exclusive(out, "preprocessing")?;
-    remove_stale_temporaries(out);
+    // Parts of one split run together (on other nodes too): they share the folder, and
+    // none sweeps temporaries, whose writers' pids it cannot see.
+    let _lock = match opts.part {
+        None => crate::util::FolderLock::exclusive(out, "preprocessing")?,
+        Some(_) => crate::util::FolderLock::shared(out, "preprocessing a part")?,
+    };
+    if opts.part.is_none() {
+        // After the lock: they may be another writer's files in flight.
+        remove_stale_temporaries(out);
+    }
     crate::util::write_json_atomic(&out.join("plans.json"), plans)?;
-    let cases: Vec<Case> = ds.cases().cloned().collect();
+    let cases: Vec<Case> = match opts.part {
+        None => ds.cases().cloned().collect(),
+        Some(part) => ds.share(part),
+    };
+    let share: Vec<String> = cases.iter().map(|c| c.id.clone()).collect();
     let mut summary = PreprocessSummary::default();
     let mut done: Vec<ManifestCase> = Vec::new();
     cps3d_actors::pool::for_each_bounded(
@@ -451,18 +466,115 @@ pub fn preprocess_dataset(
             }
         },
     );
+    let manifest = manifest_of(plans, &opts.configuration, done, summary.failed.clone());
+    summary.failed = manifest.failed.clone();
+    match opts.part {
+        None => crate::util::write_json_atomic(&out.join(MANIFEST), &manifest)?,
+        Some(part) => {
+            let record = ManifestPart { part: part.index, parts: part.count, share, manifest };
+            crate::util::write_json_atomic(&part.file(&out.join(MANIFEST)), &record)?;
+        }
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// The manifest of these cases, sorted as one run sorts them.
+fn manifest_of(
+    plans: &Plans,
+    configuration: &str,
+    mut done: Vec<ManifestCase>,
+    mut failed: Vec<FailedCase>,
+) -> Manifest {
     done.sort_by(|a, b| (!a.labeled, &a.id).cmp(&(!b.labeled, &b.id)));
-    summary.failed.sort_by(|a, b| a.id.cmp(&b.id));
-    let manifest = Manifest {
+    failed.sort_by(|a, b| a.id.cmp(&b.id));
+    Manifest {
         version: SHARD_VERSION,
-        configuration: opts.configuration.clone(),
-        spacing: plans.configurations[&opts.configuration].spacing.clone(),
+        configuration: configuration.to_string(),
+        spacing: plans.configurations[configuration].spacing.clone(),
         num_classes: plans.num_classes,
         normalization: plans.normalization.clone(),
         cases: done,
-        failed: summary.failed.clone(),
-    };
-    crate::util::write_json_atomic(&out.join(MANIFEST), &manifest)?;
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
+        failed,
+    }
+}
+
+/// What `preprocess --part I/N` leaves beside the shards: `manifest.json.part-I-of-N`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestPart {
+    pub part: usize,
+    pub parts: usize,
+    /// The cases this part was given (its share of the dataset as listed then).
+    pub share: Vec<String>,
+    pub manifest: Manifest,
+}
+
+/// Writes `manifest.json` from the parts of a split run, as one run writes it: every
+/// part present and made for this dataset's case list and this plan, and every shard
+/// it lists present and made for this plan; anything else is refused by name.
+pub fn merge_parts(root: &Path, plans: &Plans, out: &Path, configuration: &str) -> Result<Manifest> {
+    let root = &std::fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
+    let ds = RawDataset::open(root)?;
+    let target = target_spacing(plans, configuration)?;
+    let _lock = crate::util::FolderLock::exclusive(out, "merging preprocessing parts")?;
+    let manifest_path = out.join(MANIFEST);
+    let count = crate::util::part_count(&manifest_path)?;
+    let (mut done, mut failed) = (Vec::new(), Vec::new());
+    for index in 0..count {
+        let part = crate::util::Part { index, count };
+        let file = part.file(&manifest_path);
+        if !file.exists() {
+            return Err(Error::invalid(
+                &file,
+                format!("missing: part {index} of {count} was not run or did not finish"),
+            ));
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let p: ManifestPart = serde_json::from_str(&text).map_err(|e| Error::json(&file, e))?;
+        let stale = |why: String| Error::invalid(&file, format!("stale: {why}; run part {index}/{count} again"));
+        let expected: Vec<String> = ds.share(part).iter().map(|c| c.id.clone()).collect();
+        if p.part != index || p.parts != count || p.share != expected {
+            return Err(stale(format!(
+                "made as part {}/{} for {} case(s); this dataset's part {index}/{count} has {}",
+                p.part,
+                p.parts,
+                p.share.len(),
+                expected.len()
+            )));
+        }
+        let m = &p.manifest;
+        let clip = |n: &Normalization| (n.scheme.clone(), n.clip_low.to_bits(), n.clip_high.to_bits());
+        if m.configuration != configuration
+            || m.spacing != plans.configurations[configuration].spacing
+            || !m.normalization.iter().map(clip).eq(plans.normalization.iter().map(clip))
+        {
+            return Err(stale(format!(
+                "made for another plan (configuration {}, spacing {:?})",
+                m.configuration, m.spacing
+            )));
+        }
+        for c in &m.cases {
+            let path = shard_path(out, &c.id);
+            match done_shape(&path, target, &plans.normalization) {
+                Some(shape) if shape == c.shape => {}
+                Some(shape) => {
+                    return Err(Error::invalid(
+                        &path,
+                        format!("stale: shape {shape:?}, part {index} wrote {:?}", c.shape),
+                    ))
+                }
+                None => return Err(Error::invalid(
+                    &path,
+                    format!(
+                        "missing or not made for this plan, though part {index}/{count} lists it: run that part again"
+                    ),
+                )),
+            }
+        }
+        done.extend(p.manifest.cases);
+        failed.extend(p.manifest.failed);
+    }
+    let manifest = manifest_of(plans, configuration, done, failed);
+    crate::util::write_json_atomic(&manifest_path, &manifest)?;
+    Ok(manifest)
 }
