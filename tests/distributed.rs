@@ -123,3 +123,53 @@ fn a_rank_that_never_comes_is_reported_after_the_timeout() {
     assert!(e.contains(&format!("rank 0 of 2: no rendezvous at 127.0.0.1:{port} within 2 s")), "{e}");
     assert!(Store::tcp("127.0.0.1", port, 2, 2, Duration::from_secs(1)).err().unwrap().contains("ranks are 0..world"));
 }
+
+/// The loss of a global batch split over ranks: every rank gets the single-process value,
+/// and the gradient on its own samples is exactly the single-process one (so summing the
+/// ranks' parameter gradients gives the global batch's).
+#[test]
+fn losses_over_ranks_are_the_global_batch_loss_with_each_ranks_exact_gradient() {
+    use cps3d::training::loss::{deep_supervised, DiceCe, Scores, IGNORE_INDEX};
+    use tch::{Device, Kind};
+    let test = "losses_over_ranks_are_the_global_batch_loss_with_each_ranks_exact_gradient";
+    let (rank, port) = role();
+    let world = 2;
+    let port = port.unwrap_or_else(free_port);
+    let children = if rank == 0 { start_ranks(test, world, port, &[]) } else { vec![] };
+    let store = Store::tcp("127.0.0.1", port, rank, world, Duration::from_secs(30)).unwrap();
+    let pg = ProcessGroup::gloo(&store, "loss", Duration::from_secs(30)).unwrap();
+    // Three outputs (deep supervision; the lowest has weight 0), 4 samples, 4 classes; a
+    // few ignored voxels.
+    tch::manual_seed(11);
+    let shapes: [&[i64]; 3] = [&[3, 4, 4], &[2, 2, 2], &[1, 1, 1]];
+    let full: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn([&[4, 4], *s].concat(), (Kind::Float, Device::Cpu)).set_requires_grad(true))
+        .collect();
+    let targets: Vec<Tensor> =
+        shapes.iter().map(|s| Tensor::randint(4, [&[4], *s].concat(), (Kind::Int64, Device::Cpu))).collect();
+    let _ = targets[0].get(1).get(0).get(0).fill_(IGNORE_INDEX);
+    let _ = targets[0].get(3).get(2).fill_(IGNORE_INDEX);
+    for batch_dice in [true, false] {
+        let single = DiceCe { batch_dice, ..Default::default() };
+        let scores: Vec<Scores> = full.iter().map(Scores::new).collect();
+        let want = deep_supervised(&single, &scores, &targets);
+        let want_grads: Vec<Tensor> = Tensor::run_backward(&[&want], &full, false, false);
+        // This rank's half of the batch.
+        let mine: Vec<Tensor> = full.iter().map(|o| o.narrow(0, 2 * rank as i64, 2)).collect();
+        let my_targets: Vec<Tensor> = targets.iter().map(|t| t.narrow(0, 2 * rank as i64, 2)).collect();
+        let split = DiceCe { ranks: Some(&pg), ..single };
+        let got = deep_supervised(&split, &mine.iter().map(Scores::new).collect::<Vec<_>>(), &my_targets);
+        let (a, b) = (want.double_value(&[]), got.double_value(&[]));
+        assert!((a - b).abs() < 1e-6, "batch_dice {batch_dice}, rank {rank}: loss {b} vs one process {a}");
+        let got_grads: Vec<Tensor> = Tensor::run_backward(&[&got], &full, false, false);
+        for (g, w) in got_grads.iter().zip(&want_grads).take(2) {
+            let (g, w) = (g.narrow(0, 2 * rank as i64, 2), w.narrow(0, 2 * rank as i64, 2));
+            let diff = (&g - &w).abs().max().double_value(&[]);
+            let scale = w.abs().max().double_value(&[]);
+            assert!(diff <= 1e-6 * scale.max(1e-3), "batch_dice {batch_dice}, rank {rank}: gradient off by {diff}");
+        }
+    }
+    pg.barrier().unwrap();
+    finish(children);
+}

@@ -563,12 +563,14 @@ pub fn merge_parts(root: &Path, plans: &Plans, out: &Path, configuration: &str) 
                         format!("stale: shape {shape:?}, part {index} wrote {:?}", c.shape),
                     ))
                 }
-                None => return Err(Error::invalid(
-                    &path,
-                    format!(
+                None => {
+                    return Err(Error::invalid(
+                        &path,
+                        format!(
                         "missing or not made for this plan, though part {index}/{count} lists it: run that part again"
                     ),
-                )),
+                    ))
+                }
             }
         }
         done.extend(p.manifest.cases);

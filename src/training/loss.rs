@@ -11,17 +11,66 @@ pub const DICE_SMOOTH: f64 = 1e-5;
 /// Label of voxels that no loss term sees (nnU-Net's padding label, −1 there).
 pub const IGNORE_INDEX: i64 = 255;
 
-#[derive(Debug, Clone, Copy)]
-pub struct DiceCe {
+/// Sums over every rank of a data-parallel run: the global value, with the gradient
+/// flowing to this rank's own part only. Losses built from such sums are the loss of
+/// the global batch on every rank, and summing the ranks' gradients gives its gradient
+/// (nnU-Net's DDP gathers Dice's tp/fp/fn for the same reason, with `AllGatherGrad`).
+pub trait GlobalSum {
+    fn global_sum(&self, local: &Tensor) -> Tensor;
+}
+
+/// The global sum, `local + (Σ_ranks local − local)` with the bracket detached.
+impl GlobalSum for crate::distributed::ProcessGroup {
+    fn global_sum(&self, local: &Tensor) -> Tensor {
+        let mine = local.detach();
+        let mut all = mine.to_device(tch::Device::Cpu).to_kind(Kind::Double).contiguous();
+        // A failed collective ends the step as any trainer fault does, with its cause.
+        self.all_reduce_sum(&mut all).unwrap_or_else(|e| panic!("{e}"));
+        local + (all.to_device(local.device()).to_kind(local.kind()) - mine)
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct DiceCe<'a> {
     pub batch_dice: bool,
     pub smooth: f64,
     pub ignore_index: Option<i64>,
+    /// Across data-parallel ranks: sums over the global batch (None: this batch alone).
+    pub ranks: Option<&'a dyn GlobalSum>,
 }
 
-impl Default for DiceCe {
-    fn default() -> Self {
-        DiceCe { batch_dice: true, smooth: DICE_SMOOTH, ignore_index: Some(IGNORE_INDEX) }
+impl std::fmt::Debug for DiceCe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiceCe")
+            .field("batch_dice", &self.batch_dice)
+            .field("smooth", &self.smooth)
+            .field("ignore_index", &self.ignore_index)
+            .field("across_ranks", &self.ranks.is_some())
+            .finish()
     }
+}
+
+impl Default for DiceCe<'_> {
+    fn default() -> Self {
+        DiceCe { batch_dice: true, smooth: DICE_SMOOTH, ignore_index: Some(IGNORE_INDEX), ranks: None }
+    }
+}
+
+/// Several sums reduced in one collective: stacked, summed globally, split again.
+fn global_sums(ranks: &dyn GlobalSum, parts: &[Tensor]) -> Vec<Tensor> {
+    let sizes: Vec<i64> = parts.iter().map(|p| p.numel() as i64).collect();
+    let flat: Vec<Tensor> = parts.iter().map(|p| p.to_kind(Kind::Float).reshape([-1])).collect();
+    let total = ranks.global_sum(&Tensor::cat(&flat, 0));
+    let mut offset = 0;
+    parts
+        .iter()
+        .zip(&sizes)
+        .map(|(p, &n)| {
+            let part = total.narrow(0, offset, n).reshape(p.size());
+            offset += n;
+            part
+        })
+        .collect()
 }
 
 /// One output's class scores, computed once for every loss term that reads them: the
@@ -45,7 +94,7 @@ impl Scores {
     }
 }
 
-impl DiceCe {
+impl DiceCe<'_> {
     /// `logits` [B, C, spatial…], `target` [B, spatial…] (int64). Returns the scalar
     /// `CE + (−Dice)` (it goes negative as Dice approaches 1, as nnU-Net's does).
     pub fn loss(&self, logits: &Tensor, target: &Tensor) -> Tensor {
@@ -69,7 +118,14 @@ impl DiceCe {
     /// Cross-entropy as torch's: the mean negative log-likelihood over voxels not ignored.
     fn ce_of(&self, scores: &Scores, target: &Tensor) -> Tensor {
         let ignore = self.ignore_index.unwrap_or(-100);
-        scores.log_probs.nll_loss_nd::<Tensor>(target, None, Reduction::Mean, ignore)
+        let Some(ranks) = self.ranks else {
+            return scores.log_probs.nll_loss_nd::<Tensor>(target, None, Reduction::Mean, ignore);
+        };
+        // The mean over the global batch's voxels: global sum over global count.
+        let sum = scores.log_probs.nll_loss_nd::<Tensor>(target, None, Reduction::Sum, ignore);
+        let count = tch::no_grad(|| target.ne(ignore).sum(Kind::Float));
+        let g = global_sums(ranks, &[sum, count]);
+        &g[0] / &g[1]
     }
 
     fn soft_dice_of(&self, scores: &Scores, target: &Tensor) -> Tensor {
@@ -99,11 +155,24 @@ impl DiceCe {
         let y = onehot.narrow(1, 1, c - 1);
         let axes: Vec<i64> =
             if self.batch_dice { std::iter::once(0).chain(2..dims).collect() } else { (2..dims).collect() };
-        let tp = (&p * &y).sum_dim_intlist(axes.as_slice(), false, Kind::Float);
-        let sum_pred = p.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
-        let sum_gt = y.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+        let mut tp = (&p * &y).sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+        let mut sum_pred = p.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+        let mut sum_gt = y.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+        if let (Some(ranks), true) = (self.ranks, self.batch_dice) {
+            // Batch Dice of the global batch: its tp, fp + tp and fn + tp summed over ranks.
+            let g = global_sums(ranks, &[tp, sum_pred, sum_gt]);
+            (tp, sum_pred, sum_gt) = (g[0].shallow_clone(), g[1].shallow_clone(), g[2].shallow_clone());
+        }
         let dc = (tp * 2.0 + self.smooth) / (sum_pred + sum_gt + self.smooth).clamp_min(1e-8);
-        -dc.mean(Kind::Float)
+        match (self.ranks, self.batch_dice) {
+            (Some(ranks), false) => {
+                // The mean of per-sample Dice over the global batch's samples.
+                let count = Tensor::from(dc.numel() as f64).to_kind(Kind::Float).to_device(dc.device());
+                let g = global_sums(ranks, &[dc.sum(Kind::Float), count]);
+                -(&g[0] / &g[1])
+            }
+            _ => -dc.mean(Kind::Float),
+        }
     }
 }
 
@@ -119,7 +188,7 @@ pub fn deep_supervision_weights(n: usize) -> Vec<f64> {
 
 /// Weighted loss over deep-supervision outputs' scores (full resolution first) and
 /// their targets; outputs with weight 0 are skipped.
-pub fn deep_supervised(loss: &DiceCe, outputs: &[Scores], targets: &[Tensor]) -> Tensor {
+pub fn deep_supervised(loss: &DiceCe<'_>, outputs: &[Scores], targets: &[Tensor]) -> Tensor {
     assert_eq!(outputs.len(), targets.len(), "one target per output");
     let w = deep_supervision_weights(outputs.len());
     let mut total = Tensor::zeros([], (Kind::Float, outputs[0].probs.device()));
@@ -138,7 +207,7 @@ pub fn pseudo_labels(outputs: &[Tensor]) -> Vec<Tensor> {
 
 /// The CPS term of one network: its outputs supervised by its sibling's argmax
 /// labels at every scale, `l(T_self(x), argmax T_sibling(x))`.
-pub fn cps_term(loss: &DiceCe, own_outputs: &[Scores], sibling_labels: &[Tensor]) -> Tensor {
+pub fn cps_term(loss: &DiceCe<'_>, own_outputs: &[Scores], sibling_labels: &[Tensor]) -> Tensor {
     deep_supervised(loss, own_outputs, sibling_labels)
 }
 
@@ -157,7 +226,7 @@ mod tests {
         // foreground probabilities 0.5 and 0.75. Targets 0 and 1.
         let logits = t(&[0.0, 0.0, 0.0, 3f32.ln()], &[1, 2, 2]);
         let target = Tensor::from_slice(&[0i64, 1]).reshape([1, 2]);
-        let l = DiceCe { batch_dice: true, smooth: 0.0, ignore_index: None };
+        let l = DiceCe { batch_dice: true, smooth: 0.0, ignore_index: None, ranks: None };
         // CE = (−ln 0.5 − ln 0.75) / 2
         let ce = ((-(0.5f64).ln()) + (-(0.75f64).ln())) / 2.0;
         assert!((l.ce(&logits, &target).double_value(&[]) - ce).abs() < 1e-6);
@@ -172,7 +241,7 @@ mod tests {
         let logits = t(&[0.0, 5.0, 0.0, 3f32.ln(), -5.0, 0.0], &[1, 2, 3]);
         let full = Tensor::from_slice(&[0i64, 1, 0]).reshape([1, 3]);
         let ignored = Tensor::from_slice(&[0i64, 1, IGNORE_INDEX]).reshape([1, 3]);
-        let l = DiceCe { batch_dice: false, smooth: 0.0, ignore_index: Some(IGNORE_INDEX) };
+        let l = DiceCe { batch_dice: false, smooth: 0.0, ignore_index: Some(IGNORE_INDEX), ranks: None };
         let two = logits.narrow(2, 0, 2);
         let two_target = Tensor::from_slice(&[0i64, 1]).reshape([1, 2]);
         let a = l.loss(&logits, &ignored).double_value(&[]);
@@ -200,7 +269,7 @@ mod tests {
         // smooth/smooth = 1 only with the smoothing term.
         let logits = Tensor::zeros([2, 2, 4], (Kind::Float, Device::Cpu));
         let target = Tensor::from_slice(&[1i64, 1, 0, 0, 0, 0, 0, 0]).reshape([2, 4]);
-        let per = DiceCe { batch_dice: false, smooth: 1e-5, ignore_index: None };
+        let per = DiceCe { batch_dice: false, smooth: 1e-5, ignore_index: None, ranks: None };
         let batch = DiceCe { batch_dice: true, ..per };
         // Sample 0: tp 1, pred 2, gt 2 -> 2/4; sample 1: tp 0, pred 2, gt 0 -> ~0.
         let d_per = -per.soft_dice_loss(&logits, &target).double_value(&[]);
