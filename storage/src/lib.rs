@@ -22,6 +22,6 @@ pub use locations::{
     locations_to_keep, sample_class_locations, ClassInfo, ClassLocations, ClassSample, DEFAULT_LOCATION_CAP,
     DEFAULT_LOCATION_MIN_FRACTION, DEFAULT_LOCATION_SEED,
 };
-pub use reader::{file_kind, Scratch, Shard};
+pub use reader::{file_kind, ReadMode, Scratch, Shard};
 pub use verify::{find_shards, verify_dir, verify_shard, ShardSummary};
 pub use writer::{ShardInput, ShardWriter, DEFAULT_BRICK_SHAPE, DEFAULT_ZSTD_LEVEL};

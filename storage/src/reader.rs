@@ -19,6 +19,8 @@ use crate::verify::ShardSummary;
 pub struct Scratch {
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     brick: Vec<u8>,
+    /// A brick's compressed bytes, when they are read with `pread` rather than mapped.
+    compressed: Vec<u8>,
 }
 
 impl Scratch {
@@ -39,7 +41,10 @@ pub struct Shard {
     path: PathBuf,
     /// Kept open to `fstat` it before each brick read (see [`Shard::check_unchanged`]).
     file: File,
-    map: Mmap,
+    /// The mapping, or None when bricks are read with `pread` ([`ReadMode::Pread`]).
+    map: Option<Mmap>,
+    /// The file's length at open.
+    len: u64,
     header: Header,
     grid: Grid,
     image_index: Vec<BrickEntry>,
@@ -74,6 +79,11 @@ impl Shard {
     /// Maps the file and validates its header, checksum, brick index and class table. Bricks
     /// are checked when read (or all at once by [`crate::verify_shard`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Shard> {
+        Shard::open_with(path, None)
+    }
+
+    /// [`Shard::open`], reading bricks as `mode` says (None: [`ReadMode::for_file`]).
+    pub fn open_with(path: impl AsRef<Path>, mode: Option<ReadMode>) -> Result<Shard> {
         let path = path.as_ref();
         // Before opening: opening a FIFO would wait for a writer forever.
         let meta = std::fs::metadata(path).map_err(|e| StorageError::io(path, "opening", e))?;
@@ -85,11 +95,23 @@ impl Shard {
         // modified afterwards; the map is only read. A shard truncated in place anyway would fault
         // a read past its new end (SIGBUS): every brick read first checks the file's length
         // (`check_unchanged`), and the header and footer are copied out at open.
+        // With pread, the mapping serves only this open (header, tables and locations are
+        // copied out) and is gone before the first brick is read.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io(path, "memory-mapping", e))?;
-        Shard::from_map(path.to_path_buf(), file, map)
+        let mode = mode.unwrap_or_else(|| ReadMode::for_file(&file));
+        Shard::from_map(path.to_path_buf(), file, map, mode)
     }
 
-    fn from_map(path: PathBuf, file: File, map: Mmap) -> Result<Shard> {
+    /// How this shard's bricks are read.
+    pub fn read_mode(&self) -> ReadMode {
+        if self.map.is_some() {
+            ReadMode::Mapped
+        } else {
+            ReadMode::Pread
+        }
+    }
+
+    fn from_map(path: PathBuf, file: File, map: Mmap, mode: ReadMode) -> Result<Shard> {
         let header = Header::parse(&path, &map)?;
         let grid = Grid::new(header.shape, header.brick);
         let bad = |reason: String| StorageError::corrupt(&path, reason);
@@ -159,10 +181,12 @@ impl Shard {
             .to_owned();
 
         let locations = map[locations_at..metadata_at].to_vec();
+        let len = map.len() as u64;
         let shard = Shard {
             path,
             file,
-            map,
+            map: (mode == ReadMode::Mapped).then_some(map),
+            len,
             header,
             grid,
             image_index,
@@ -477,9 +501,28 @@ impl Shard {
             reason,
         };
         let entry = entries.get(channel * self.grid.len() + index).ok_or_else(|| fail("no such brick".into()))?;
-        self.check_unchanged()?;
+        let Scratch { decompressor, brick, compressed } = scratch;
         let start = entry.offset as usize;
-        let src = self.map.get(start..start + entry.len as usize).ok_or_else(|| fail("beyond the file".into()))?;
+        let src: &[u8] = match &self.map {
+            Some(map) => {
+                self.check_unchanged()?;
+                map.get(start..start + entry.len as usize).ok_or_else(|| fail("beyond the file".into()))?
+            }
+            None => {
+                // A file truncated or rewritten in place (on NFS, by another host) makes this
+                // read fail or the checksum below disagree: an error, never a signal.
+                use std::os::unix::fs::FileExt;
+                compressed.resize(entry.len as usize, 0);
+                if let Err(e) = self.file.read_exact_at(compressed, entry.offset) {
+                    let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+                    if now != self.len {
+                        return Err(StorageError::Changed { path: self.path.clone(), expected: self.len, actual: now });
+                    }
+                    return Err(StorageError::io(&self.path, "reading a brick", e));
+                }
+                compressed
+            }
+        };
         let computed = xxh3_64(src);
         if computed != entry.checksum {
             return Err(StorageError::BrickChecksum {
@@ -493,24 +536,24 @@ impl Shard {
             });
         }
         let raw_len = self.grid.extent(coords).iter().product::<usize>() * elem;
-        if scratch.brick.len() < raw_len {
-            scratch.brick.resize(raw_len, 0);
+        if brick.len() < raw_len {
+            brick.resize(raw_len, 0);
         }
-        if scratch.decompressor.is_none() {
+        if decompressor.is_none() {
             let d = zstd::bulk::Decompressor::new()
                 .map_err(|e| fail(format!("cannot create a zstd decompression context: {e}")))?;
-            scratch.decompressor = Some(d);
+            *decompressor = Some(d);
         }
-        let Some(decompressor) = scratch.decompressor.as_mut() else {
+        let Some(decompressor) = decompressor.as_mut() else {
             return Err(fail("no zstd decompression context".into()));
         };
-        let dst = &mut scratch.brick[..raw_len];
+        let dst = &mut brick[..raw_len];
         let n = decompressor.decompress_to_buffer(src, dst).map_err(|e| fail(format!("zstd: {e}")))?;
         if n != raw_len {
             return Err(fail(format!("decompressed to {n} bytes, expected {raw_len}")));
         }
         crate::io_stats::brick_read(u64::from(entry.len), raw_len as u64);
-        Ok(&scratch.brick[..raw_len])
+        Ok(&brick[..raw_len])
     }
 
     pub(crate) fn grid(&self) -> &Grid {
@@ -523,10 +566,62 @@ impl Shard {
     /// between this check and the read remains possible, in a window of microseconds.)
     pub(crate) fn check_unchanged(&self) -> Result<()> {
         let actual = self.file.metadata().map_err(|e| StorageError::io(&self.path, "checking its length", e))?.len();
-        if actual != self.map.len() as u64 {
-            return Err(StorageError::Changed { path: self.path.clone(), expected: self.map.len() as u64, actual });
+        if actual != self.len {
+            return Err(StorageError::Changed { path: self.path.clone(), expected: self.len, actual });
         }
         Ok(())
+    }
+}
+
+/// How a shard's bricks are read after it is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// From a memory mapping: no copy, but a file truncated in place between the length
+    /// check and the read would kill the process (SIGBUS).
+    Mapped,
+    /// With `pread` into a buffer: a truncated or rewritten file is an error for that shard.
+    Pread,
+}
+
+/// `statfs` magic numbers of network and cluster file systems, where another host may
+/// truncate or rewrite a shard while this one reads it: NFS, SMB/CIFS/SMB2, Lustre, Ceph,
+/// GPFS, BeeGFS, OrangeFS, FUSE (sshfs, gcsfuse, …), 9P, AFS.
+const SHARED_FILE_SYSTEMS: [i64; 13] = [
+    0x6969,
+    0x517B,
+    0xFF53_4D42,
+    0xFE53_4D42,
+    0x0BD0_0BD0,
+    0x00C3_6400,
+    0x4750_4653,
+    0x1983_0326,
+    0x2003_0528,
+    0x6573_5546,
+    0x0102_1997,
+    0x5346_414F,
+    0x6B41_4653,
+];
+
+impl ReadMode {
+    /// `CPS3D_SHARD_READ=mmap` or `pread` when set; otherwise pread on the shared file
+    /// systems above and mapped on local ones.
+    pub fn for_file(file: &File) -> ReadMode {
+        match std::env::var("CPS3D_SHARD_READ").as_deref() {
+            Ok("pread") => return ReadMode::Pread,
+            Ok("mmap") => return ReadMode::Mapped,
+            _ => {}
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: statfs is plain data, filled by fstatfs on a descriptor we own.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+            return ReadMode::Pread;
+        }
+        if SHARED_FILE_SYSTEMS.contains(&(st.f_type as i64)) {
+            ReadMode::Pread
+        } else {
+            ReadMode::Mapped
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cps3d_storage::{find_shards, verify_dir, Scratch, Shard, ShardInput, ShardWriter, StorageError};
+use cps3d_storage::{find_shards, verify_dir, ReadMode, Scratch, Shard, ShardInput, ShardWriter, StorageError};
 
 use common::make_case;
 
@@ -75,6 +75,36 @@ fn a_shard_truncated_while_mapped_is_an_error_not_sigbus() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "child failed ({:?}; a signal means SIGBUS): {text}", out.status);
     assert!(text.contains("CHILD OK"), "{text}");
+}
+
+/// Shards on NFS, Lustre and the like are read with pread: what another host does to the
+/// file while it is open (truncate it, rewrite it in place) is an error for that shard.
+#[test]
+fn pread_reads_the_same_voxels_and_turns_truncation_and_rewrites_into_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_case(dir.path(), "nfs.shard", [24, 32, 32]);
+    let mapped = Shard::open_with(&path, Some(ReadMode::Mapped)).unwrap();
+    let pread = Shard::open_with(&path, Some(ReadMode::Pread)).unwrap();
+    assert_eq!((mapped.read_mode(), pread.read_mode()), (ReadMode::Mapped, ReadMode::Pread));
+    let n = 24 * 32 * 32;
+    let (mut a, mut b) = (vec![0i16; n], vec![0i16; n]);
+    mapped.read_image_region(&mut Scratch::new(), [0; 3], [24, 32, 32], 0, &mut a).unwrap();
+    pread.read_image_region(&mut Scratch::new(), [0; 3], [24, 32, 32], 0, &mut b).unwrap();
+    assert_eq!(a, b);
+    drop(mapped);
+    // Rewritten in place, same length: every brick's checksum now disagrees.
+    let len = fs::metadata(&path).unwrap().len();
+    let mut bytes = fs::read(&path).unwrap();
+    for v in &mut bytes[200..(len as usize - 200)] {
+        *v ^= 0x5A;
+    }
+    fs::write(&path, &bytes).unwrap();
+    let r = pread.read_image_region(&mut Scratch::new(), [0; 3], [24, 32, 32], 0, &mut b);
+    assert!(matches!(r, Err(StorageError::BrickChecksum { .. })), "{r:?}");
+    // Truncated: no signal, the length change named.
+    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(200).unwrap();
+    let r = pread.read_label_region(&mut Scratch::new(), [0; 3], [24, 32, 32], 0, &mut vec![0u8; n]);
+    assert!(matches!(r, Err(StorageError::Changed { expected, actual: 200, .. }) if expected == len), "{r:?}");
 }
 
 #[test]
