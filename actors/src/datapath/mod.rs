@@ -106,6 +106,20 @@ pub struct DataPathConfig {
     pub open_shards_per_loader: usize,
     pub log_interval: Duration,
     pub fault: Option<FaultInjection>,
+    /// Batches keyed by number: each sample a function of (seed, batch, slot of the global
+    /// batch) whatever the workers' timing, and this process streaming only its rank's
+    /// slice of every global batch (see [`GlobalBatch`]). None: samples as they come.
+    pub global: Option<GlobalBatch>,
+}
+
+/// This process's share of a global batch of `world` ranks: `labeled_batch` and
+/// `unlabeled_batch` are per rank, and rank r streams labeled slots r·L..(r+1)·L and
+/// unlabeled slots r·U..(r+1)·U of every global batch of world·L + world·U samples. A run
+/// on N ranks therefore sees the samples of one process with the N-fold batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalBatch {
+    pub rank: usize,
+    pub world: usize,
 }
 
 impl DataPathConfig {
@@ -132,6 +146,7 @@ impl DataPathConfig {
             open_shards_per_loader: 16,
             log_interval: Duration::from_secs(5),
             fault: None,
+            global: None,
         }
     }
 
@@ -167,6 +182,11 @@ impl DataPathConfig {
             return Err(format!("{} normalisations for {} channels", self.normalization.len(), self.channels));
         }
         Augmenter::new(self.augmentation, self.patch, self.channels, &self.ds_scales).map_err(|e| e.to_string())?;
+        if let Some(g) = self.global {
+            if g.world == 0 || g.rank >= g.world {
+                return Err(format!("rank {} of a world of {}", g.rank, g.world));
+            }
+        }
         Ok(())
     }
 }
@@ -221,6 +241,8 @@ pub(crate) type RawBuffers = (Vec<f32>, Vec<u8>);
 
 /// A region read from a shard, with the augmentation drawn for it.
 pub(crate) struct RawSample {
+    /// Its number among this rank's samples (keyed batches only).
+    pub key: Option<u64>,
     pub case: usize,
     pub labeled: bool,
     /// The batch slot nnU-Net forces to foreground.
@@ -236,6 +258,7 @@ pub(crate) struct RawSample {
 }
 
 pub(crate) struct AugmentedSample {
+    pub key: Option<u64>,
     pub case: usize,
     pub labeled: bool,
     pub wants_foreground: bool,
@@ -277,6 +300,13 @@ pub(crate) struct Shared {
     pub batch_pool: (Sender<BatchBuffers>, Receiver<BatchBuffers>),
     pub telemetry: Arc<Telemetry>,
     pub batch_counter: AtomicU64,
+    /// Keyed batches: the next sample number to claim, and numbers to do again (their
+    /// sample was lost with a crashed worker; a duplicate is dropped by the batcher).
+    pub next_sample: AtomicU64,
+    pub redo: Mutex<std::collections::VecDeque<u64>>,
+    /// Keyed batches: the sample number each (stage, worker id) holds, so that a worker's
+    /// crash has its sample made again at once.
+    pub in_hand: Mutex<std::collections::HashMap<(usize, usize), u64>>,
     /// Held while a batch is handed to every consumer (see the batcher).
     pub fanout: Mutex<()>,
     /// Shards that failed, and those no longer sampled: shared by the loaders.
@@ -316,8 +346,12 @@ pub struct DataPath {
 }
 
 impl DataPath {
-    pub fn start(cfg: DataPathConfig) -> Result<DataPath, String> {
+    pub fn start(mut cfg: DataPathConfig) -> Result<DataPath, String> {
         cfg.validate()?;
+        if cfg.global.is_some() {
+            // Keyed batches are put together in number order, by one batcher (it only copies).
+            cfg.batchers = 1;
+        }
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let mut outputs = Vec::new();
         let mut consumers = Vec::new();
@@ -354,6 +388,9 @@ impl DataPath {
             stop_rx,
             telemetry,
             batch_counter: AtomicU64::new(0),
+            next_sample: AtomicU64::new(0),
+            redo: Mutex::new(Default::default()),
+            in_hand: Mutex::new(Default::default()),
             fanout: Mutex::new(()),
             exclusions: Mutex::new(Exclusions::default()),
             handles: Mutex::new(Vec::new()),

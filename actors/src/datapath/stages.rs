@@ -26,6 +26,12 @@ fn seed_for(seed: u64, stage: u64, id: usize, generation: u32) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The seed of sample `slot` (of the global batch) of batch `batch`: keyed batches draw
+/// each sample from its own stream, whichever worker makes it.
+fn sample_seed(seed: u64, batch: u64, slot: usize) -> u64 {
+    seed_for(seed ^ batch.wrapping_mul(0xD6E8_FEB8_6659_FD93), 3, slot, 0)
+}
+
 /// Starts worker `id` of `stage` (its `generation`-th incarnation).
 pub(crate) fn spawn(shared: Arc<Shared>, stage: Stage, id: usize, generation: u32, retire: Arc<AtomicBool>) {
     let sh = shared.clone();
@@ -35,10 +41,15 @@ pub(crate) fn spawn(shared: Arc<Shared>, stage: Stage, id: usize, generation: u3
             let r = catch_unwind(AssertUnwindSafe(|| match stage {
                 Stage::Loader => loader(&sh, id, generation, &retire),
                 Stage::Augmenter => augmenter(&sh, id, &retire),
+                Stage::Batcher if sh.cfg.global.is_some() => keyed_batcher(&sh),
                 Stage::Batcher => batcher(&sh),
             }));
             if let Err(p) = r {
                 let msg = panic_message(p.as_ref());
+                let lost = sh.in_hand.lock().unwrap_or_else(|e| e.into_inner()).remove(&(stage.index(), id));
+                if let Some(n) = lost {
+                    sh.redo.lock().unwrap_or_else(|e| e.into_inner()).push_front(n);
+                }
                 sh.telemetry.stage(stage.name()).restarts.fetch_add(1, Ordering::Relaxed);
                 if !sh.stopping() {
                     if let Some(c) = sh.coordinator.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -88,15 +99,38 @@ fn loader(sh: &Shared, id: usize, generation: u32, retire: &AtomicBool) {
     let mut scratch = cps3d_storage::Scratch::new();
     let per_batch = (cfg.labeled_batch + cfg.unlabeled_batch) as u64;
     let (mut k, mut handled, mut consecutive_failures) = (0u64, 0u64, 0u32);
+    let mut keyed_rng;
     // A retired loader leaves here, between items: what it read has been sent on.
     while !sh.stopping() && !retire.load(Ordering::Relaxed) {
         let t = Instant::now();
         // Labeled and unlabeled in the batch's proportion, in a fixed order; the slot
         // decides nnU-Net's foreground oversampling.
-        let slot = (k % per_batch) as usize;
-        let labeled = slot < cfg.labeled_batch;
-        k += 1;
-        let wants_foreground = labeled && forced_slot(slot, cfg.labeled_batch, cfg.oversample_foreground);
+        let (key, labeled, wants_foreground, rng) = match cfg.global {
+            None => {
+                let slot = (k % per_batch) as usize;
+                let labeled = slot < cfg.labeled_batch;
+                k += 1;
+                (None, labeled, labeled && forced_slot(slot, cfg.labeled_batch, cfg.oversample_foreground), &mut rng)
+            }
+            Some(g) => {
+                // This rank's next sample, or one to do again; its place in the global batch
+                // decides everything drawn for it.
+                let redo = sh.redo.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let n = redo.unwrap_or_else(|| sh.next_sample.fetch_add(1, Ordering::Relaxed));
+                hold(sh, Stage::Loader, id, Some(n));
+                let (batch, local) = (n / per_batch, (n % per_batch) as usize);
+                let labeled = local < cfg.labeled_batch;
+                let slot = if labeled {
+                    g.rank * cfg.labeled_batch + local
+                } else {
+                    g.world * cfg.labeled_batch + g.rank * cfg.unlabeled_batch + (local - cfg.labeled_batch)
+                };
+                keyed_rng = Pcg64Mcg::seed_from_u64(sample_seed(cfg.seed, batch, slot));
+                let global_labeled = g.world * cfg.labeled_batch;
+                let forced = labeled && forced_slot(slot, global_labeled, cfg.oversample_foreground);
+                (Some(n), labeled, forced, &mut keyed_rng)
+            }
+        };
         let list = if labeled { &cfg.labeled } else { &cfg.unlabeled };
         // Uniform over the shards still sampled; the list is built only once some are
         // excluded (shared by all loaders, and kept when a loader is restarted).
@@ -121,10 +155,10 @@ fn loader(sh: &Shared, id: usize, generation: u32, retire: &AtomicBool) {
                 live[rng.random_range(0..live.len())]
             }
         };
-        let draw = planner.draw(&mut rng);
+        let draw = planner.draw(&mut *rng);
         let result = cache.get(if labeled { idx } else { idx + cfg.labeled.len() }, &list[idx]).and_then(|shard| {
-            let voxel = if wants_foreground { foreground_voxel(&shard, &mut rng) } else { None };
-            let origin = region_origin(shard.shape(), planner.region(), cfg.patch, voxel, &mut rng);
+            let voxel = if wants_foreground { foreground_voxel(&shard, &mut *rng) } else { None };
+            let origin = region_origin(shard.shape(), planner.region(), cfg.patch, voxel, &mut *rng);
             // Only the part of nnU-Net's region this draw samples.
             let sb = planner.source_box(&draw);
             let rorigin: [i64; 3] = std::array::from_fn(|a| origin[a] + sb.offset[a] as i64);
@@ -146,6 +180,7 @@ fn loader(sh: &Shared, id: usize, generation: u32, retire: &AtomicBool) {
                 labels.clear();
             }
             Ok(RawSample {
+                key,
                 case: idx,
                 labeled,
                 wants_foreground,
@@ -167,6 +202,7 @@ fn loader(sh: &Shared, id: usize, generation: u32, retire: &AtomicBool) {
                 if !send(sh, &sh.raw.0, sample, stats) {
                     return;
                 }
+                hold(sh, Stage::Loader, id, None);
             }
             Err(e) => {
                 stats.add_busy(t);
@@ -181,6 +217,11 @@ fn loader(sh: &Shared, id: usize, generation: u32, retire: &AtomicBool) {
                     tracing::warn!("loader {id}: {} failed {n} times; no longer sampled", list[idx].path.display());
                 }
                 drop(ex);
+                if let Some(n) = key {
+                    // The slot must still be filled: again, from the shards still sampled.
+                    hold(sh, Stage::Loader, id, None);
+                    sh.redo.lock().unwrap_or_else(|e| e.into_inner()).push_front(n);
+                }
                 consecutive_failures += 1;
                 if consecutive_failures >= CONSECUTIVE_FAILURE_LIMIT {
                     sh.fail(format!("{consecutive_failures} reads in a row failed; last: {e}"));
@@ -191,7 +232,19 @@ fn loader(sh: &Shared, id: usize, generation: u32, retire: &AtomicBool) {
     }
 }
 
-fn augmenter(sh: &Shared, _id: usize, retire: &AtomicBool) {
+/// Records the keyed sample a worker holds (None: it has handed it on).
+fn hold(sh: &Shared, stage: Stage, id: usize, n: Option<u64>) {
+    if sh.cfg.global.is_none() {
+        return;
+    }
+    let mut held = sh.in_hand.lock().unwrap_or_else(|e| e.into_inner());
+    match n {
+        Some(n) => held.insert((stage.index(), id), n),
+        None => held.remove(&(stage.index(), id)),
+    };
+}
+
+fn augmenter(sh: &Shared, id: usize, retire: &AtomicBool) {
     let cfg = &sh.cfg;
     let stats = sh.telemetry.stage("augmenter");
     let mut aug =
@@ -207,6 +260,9 @@ fn augmenter(sh: &Shared, _id: usize, retire: &AtomicBool) {
         stats.add_recv_blocked(t);
         if sh.stopping() {
             return;
+        }
+        if let Some(n) = raw.key {
+            hold(sh, Stage::Augmenter, id, Some(n));
         }
         let t = Instant::now();
         if crate::faults::injected("augmenter-panic").is_some() {
@@ -229,6 +285,7 @@ fn augmenter(sh: &Shared, _id: usize, retire: &AtomicBool) {
         stats.add_busy(t);
         stats.items.fetch_add(1, Ordering::Relaxed);
         let out = AugmentedSample {
+            key: raw.key,
             case: raw.case,
             labeled: raw.labeled,
             wants_foreground: raw.wants_foreground,
@@ -238,6 +295,7 @@ fn augmenter(sh: &Shared, _id: usize, retire: &AtomicBool) {
         if !send(sh, &sh.augmented.0, out, stats) {
             return;
         }
+        hold(sh, Stage::Augmenter, id, None);
     }
 }
 
@@ -252,7 +310,6 @@ fn batcher(sh: &Shared) {
     let keep = 4 * (bl + bu).max(1);
     // Queues: labeled random slots, labeled forced slots, unlabeled.
     let mut queues: [VecDeque<AugmentedSample>; 3] = Default::default();
-    let pn: usize = cfg.patch.iter().product();
     let mut handled = 0u64;
     loop {
         while (0..3).any(|q| queues[q].len() < need[q]) {
@@ -283,43 +340,7 @@ fn batcher(sh: &Shared) {
         let [random, forced_q, unlabeled] = &mut queues;
         let take: Vec<AugmentedSample> =
             random.drain(..need[0]).chain(forced_q.drain(..need[1])).chain(unlabeled.drain(..need[2])).collect();
-        let ds_shapes = ds_shapes_of(cfg);
-        // Buffers of a batch every consumer has dropped come back through the pool.
-        let (mut image, mut labels, mut ds_labels) = sh.batch_pool.1.try_recv().unwrap_or_default();
-        image.clear();
-        labels.clear();
-        ds_labels.resize_with(ds_shapes.len(), Vec::new);
-        ds_labels.iter_mut().for_each(Vec::clear);
-        image.reserve((bl + bu) * cfg.channels * pn);
-        let mut batch = Batch {
-            index: 0, // numbered when handed out, below
-            patch: cfg.patch,
-            channels: cfg.channels,
-            labeled: bl,
-            unlabeled: bu,
-            image,
-            labels,
-            ds_labels,
-            ds_shapes,
-            cases: Vec::with_capacity(bl + bu),
-            forced_foreground: Vec::with_capacity(bl + bu),
-            recycle: Some(sh.batch_pool.0.clone()),
-        };
-        for s in &take {
-            batch.image.extend_from_slice(&s.sample.image);
-            let list = if s.labeled { &cfg.labeled } else { &cfg.unlabeled };
-            batch.cases.push(list[s.case].id.clone());
-            batch.forced_foreground.push(s.forced_foreground);
-            if s.labeled {
-                batch.labels.extend_from_slice(&s.sample.labels);
-                for (d, l) in batch.ds_labels.iter_mut().zip(&s.sample.ds_labels) {
-                    d.extend_from_slice(l);
-                }
-            }
-        }
-        for s in take {
-            let _ = sh.sample_pool.0.try_send(s.sample);
-        }
+        let mut batch = assemble(sh, take);
         handled += 1;
         maybe_fault(sh, Stage::Batcher, handled);
         stats.add_busy(t);
@@ -333,6 +354,120 @@ fn batcher(sh: &Shared) {
             if !send(sh, out, batch.clone(), stats) {
                 return;
             }
+        }
+    }
+}
+
+/// A batch of these samples, in this order, numbered later.
+fn assemble(sh: &Shared, take: Vec<AugmentedSample>) -> Batch {
+    let cfg = &sh.cfg;
+    let (bl, bu) = (cfg.labeled_batch, cfg.unlabeled_batch);
+    let pn: usize = cfg.patch.iter().product();
+    let ds_shapes = ds_shapes_of(cfg);
+    // Buffers of a batch every consumer has dropped come back through the pool.
+    let (mut image, mut labels, mut ds_labels) = sh.batch_pool.1.try_recv().unwrap_or_default();
+    image.clear();
+    labels.clear();
+    ds_labels.resize_with(ds_shapes.len(), Vec::new);
+    ds_labels.iter_mut().for_each(Vec::clear);
+    image.reserve((bl + bu) * cfg.channels * pn);
+    let mut batch = Batch {
+        index: 0, // numbered by the batcher that hands it out
+        patch: cfg.patch,
+        channels: cfg.channels,
+        labeled: bl,
+        unlabeled: bu,
+        image,
+        labels,
+        ds_labels,
+        ds_shapes,
+        cases: Vec::with_capacity(bl + bu),
+        forced_foreground: Vec::with_capacity(bl + bu),
+        recycle: Some(sh.batch_pool.0.clone()),
+    };
+    for s in &take {
+        batch.image.extend_from_slice(&s.sample.image);
+        let list = if s.labeled { &cfg.labeled } else { &cfg.unlabeled };
+        batch.cases.push(list[s.case].id.clone());
+        batch.forced_foreground.push(s.forced_foreground);
+        if s.labeled {
+            batch.labels.extend_from_slice(&s.sample.labels);
+            for (d, l) in batch.ds_labels.iter_mut().zip(&s.sample.ds_labels) {
+                d.extend_from_slice(l);
+            }
+        }
+    }
+    for s in take {
+        let _ = sh.sample_pool.0.try_send(s.sample);
+    }
+    batch
+}
+
+/// How long the keyed batcher waits for the next batch's missing samples, while later
+/// ones arrive, before it has them made again (a worker that crashed took them along).
+const REDO_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The batcher of keyed batches: samples go to their batch and slot, and batches are
+/// handed out complete and in number order, each numbered by its place in the epoch.
+fn keyed_batcher(sh: &Shared) {
+    let cfg = &sh.cfg;
+    let stats = sh.telemetry.stage("batcher");
+    let per_batch = (cfg.labeled_batch + cfg.unlabeled_batch) as u64;
+    let mut pending: std::collections::BTreeMap<u64, Vec<Option<AugmentedSample>>> = Default::default();
+    let (mut next, mut handled) = (0u64, 0u64);
+    let mut waiting_since = Instant::now();
+    loop {
+        let t = Instant::now();
+        let got: Option<AugmentedSample> = select! {
+            recv(sh.augmented.1) -> r => match r { Ok(s) => Some(s), Err(_) => return },
+            recv(sh.stop_rx) -> _ => return,
+            default(std::time::Duration::from_millis(200)) => None,
+        };
+        stats.add_recv_blocked(t);
+        if sh.stopping() {
+            return;
+        }
+        if let Some(s) = got {
+            let n = s.key.expect("keyed batches carry their sample number");
+            let (b, slot) = (n / per_batch, (n % per_batch) as usize);
+            let place = (b >= next).then(|| pending.entry(b).or_insert_with(|| (0..per_batch).map(|_| None).collect()));
+            match place {
+                Some(v) if v[slot].is_none() => v[slot] = Some(s),
+                // A sample made twice (it was slow, not lost): the first one counts.
+                _ => {
+                    let _ = sh.sample_pool.0.try_send(s.sample);
+                }
+            }
+        }
+        while pending.get(&next).is_some_and(|v| v.iter().all(Option::is_some)) {
+            let t = Instant::now();
+            let samples: Vec<AugmentedSample> =
+                pending.remove(&next).unwrap_or_default().into_iter().flatten().collect();
+            let mut batch = assemble(sh, samples);
+            batch.index = next;
+            handled += 1;
+            maybe_fault(sh, Stage::Batcher, handled);
+            stats.add_busy(t);
+            stats.items.fetch_add(1, Ordering::Relaxed);
+            let batch = Arc::new(batch);
+            for out in &sh.outputs {
+                if !send(sh, out, batch.clone(), stats) {
+                    return;
+                }
+            }
+            next += 1;
+            waiting_since = Instant::now();
+        }
+        let later_arrived = pending.keys().next_back().is_some_and(|&b| b > next);
+        if later_arrived && waiting_since.elapsed() > REDO_AFTER {
+            let have = pending.get(&next);
+            let missing: Vec<u64> = (0..per_batch)
+                .filter(|&s| have.is_none_or(|v| v[s as usize].is_none()))
+                .map(|s| next * per_batch + s)
+                .collect();
+            tracing::warn!("batch {next}: {} sample(s) missing for {REDO_AFTER:?}; making them again", missing.len());
+            sh.redo.lock().unwrap_or_else(|e| e.into_inner()).extend(missing);
+            waiting_since = Instant::now();
         }
     }
 }

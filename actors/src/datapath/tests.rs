@@ -390,3 +390,61 @@ fn the_autotuner_removes_workers_the_consumers_do_not_need() {
         assert_eq!(dp.next(0, Duration::from_secs(30)).unwrap().index, i);
     }
 }
+
+/// The first `n` batches of a path, as (sample images, labels, cases, forced) per batch.
+fn batches(cfg: DataPathConfig, n: usize) -> Vec<(Vec<Vec<f32>>, Vec<Vec<u8>>, Vec<String>, Vec<bool>)> {
+    let per_sample: usize = cfg.patch.iter().product::<usize>() * cfg.channels;
+    let mut dp = DataPath::start(cfg).unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let b = dp.next(0, Duration::from_secs(30)).expect("a batch");
+        let _ = dp.next(1, Duration::from_secs(30));
+        assert_eq!(b.index, i as u64, "keyed batches come in number order");
+        let images = b.image.chunks(per_sample).map(<[f32]>::to_vec).collect();
+        let labels = b.labels.chunks(per_sample / b.channels).map(<[u8]>::to_vec).collect();
+        out.push((images, labels, b.cases.clone(), b.forced_foreground.clone()));
+    }
+    dp.stop();
+    out
+}
+
+#[test]
+fn keyed_batches_split_over_ranks_are_the_one_process_batches_whatever_the_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l, u) = dataset(tmp.path(), 3, 4);
+    let keyed = |rank: usize, world: usize, per_rank: (usize, usize), workers: usize| {
+        let mut c = config(l.clone(), u.clone());
+        (c.labeled_batch, c.unlabeled_batch) = per_rank;
+        (c.loaders, c.augmenters, c.batchers) = (workers, workers, 2);
+        c.seed = 42;
+        c.global = Some(GlobalBatch { rank, world });
+        c
+    };
+    let n = 6;
+    let one = batches(keyed(0, 1, (2, 2), 1), n);
+    let again = batches(keyed(0, 1, (2, 2), 3), n);
+    assert_eq!(one, again, "the same batches with 1 or 3 loaders and augmenters");
+    let ranks = [batches(keyed(0, 2, (1, 1), 2), n), batches(keyed(1, 2, (1, 1), 1), n)];
+    for b in 0..n {
+        let (images, labels, cases, forced) = &one[b];
+        // One process: labeled slots 0, 1 then unlabeled 0, 1; rank r: labeled r, unlabeled r.
+        for r in 0..2 {
+            let (ri, rl, rc, rf) = &ranks[r][b];
+            assert_eq!(ri, &vec![images[r].clone(), images[2 + r].clone()], "batch {b}, rank {r}: images");
+            assert_eq!(rl, &vec![labels[r].clone()], "batch {b}, rank {r}: labels");
+            assert_eq!(rc, &vec![cases[r].clone(), cases[2 + r].clone()], "batch {b}, rank {r}: cases");
+            assert_eq!(rf, &vec![forced[r], forced[2 + r]], "batch {b}, rank {r}: foreground");
+        }
+        // nnU-Net's oversampling applies to the global batch: its second labeled slot.
+        assert_eq!(forced[..2], [false, true], "batch {b}");
+    }
+    // Workers that crash now and then (restarted by the coordinator) lose the sample they
+    // hold; it is made again, and the batches are the same.
+    for stage in [Stage::Loader, Stage::Augmenter] {
+        let mut c = keyed(0, 1, (2, 2), 2);
+        c.fault = Some(FaultInjection { stage, every: 5 });
+        assert_eq!(batches(c, n), one, "with a {} crashing every 5 items", stage.name());
+    }
+    let distinct: std::collections::BTreeSet<&String> = one.iter().flat_map(|b| &b.2).collect();
+    assert!(distinct.len() > 3, "samples vary: {distinct:?}");
+}
