@@ -109,6 +109,7 @@ impl DataPathArgs {
             consumers: self.consumers,
             open_shards: self.open_shards,
             seed: self.seed,
+            global: None,
         }
     }
 }

@@ -11,6 +11,7 @@ mod planning;
 mod predict;
 mod preprocess;
 mod progress;
+mod ranks;
 mod show;
 mod synth;
 mod train;

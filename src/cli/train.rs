@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::Zyx;
 use cps3d::training::options::{resume_options, ResumeRequest};
-use cps3d::training::run::{default_devices, train, Progress, Start, TrainOptions};
+use cps3d::training::run::{default_devices, train_on_ranks, Progress, Start, TrainOptions};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -103,9 +103,25 @@ pub struct TrainArgs {
     /// Seconds between autotune decisions (each change settles, then is measured, for this long).
     #[arg(long, default_value_t = 5.0, value_parser = super::planning::positive_f64)]
     autotune_interval: f64,
+    /// Start N ranks on this machine (as `torchrun --standalone --nproc-per-node N`): each
+    /// trains a pair of siblings on its share of every batch, gradients summed over the
+    /// ranks through c10d (Gloo). Under torchrun or Slurm (RANK/WORLD_SIZE, SLURM_PROCID/
+    /// SLURM_NTASKS set), `train` is one rank of theirs without this option.
+    #[arg(long, value_parser = super::workers, allow_negative_numbers = true)]
+    nproc_per_node: Option<usize>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let launch = cps3d::distributed::launch::Launch::from_env(|k| std::env::var(k).ok())
+        .map_err(|e| anyhow::anyhow!("reading the launcher's variables: {e}"))?;
+    if let Some(n) = a.nproc_per_node.filter(|&n| n > 1) {
+        if launch.is_some() {
+            bail!(
+                "--nproc-per-node {n}: this process is already a rank of a launched run (RANK or SLURM_PROCID is set)"
+            );
+        }
+        return super::ranks::run_local_ranks(n, a.threads.is_none());
+    }
     super::start_metrics(a.metrics_addr.as_deref())?;
     let (opts, start) = match &a.resume {
         Some(dir) => {
@@ -199,16 +215,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
         }
     }
-    let result = train(&opts, start, Some(steps.clone()), |p| {
-        let l = match p {
-            Progress::Estimate(e) => {
-                tracing::info!("{e}");
-                return;
-            }
-            Progress::Epoch(l) => l,
-        };
-        pb.set_message(format!("epoch {} pseudo-Dice {:.3}", l.epoch, l.ema_pseudo_dice));
-        tracing::info!(
+    let result = train_on_ranks(
+        &opts,
+        start,
+        Some(steps.clone()),
+        |p| {
+            let l = match p {
+                Progress::Estimate(e) => {
+                    tracing::info!("{e}");
+                    return;
+                }
+                Progress::Epoch(l) => l,
+            };
+            pb.set_message(format!("epoch {} pseudo-Dice {:.3}", l.epoch, l.ema_pseudo_dice));
+            tracing::info!(
             "epoch {}: loss {:.4?} (sup {:.4?}, cps {:.4?}), λ {:.3}, lr {:.5}, pseudo-Dice {:.4} (EMA {:.4}), step {:.2} s, data wait {:.1}% ({})",
             l.epoch,
             l.loss,
@@ -222,11 +242,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
             l.data_wait * 100.0,
             l.phases.shares()
         );
-    });
+        },
+        launch.as_ref(),
+    );
     done.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     pb.finish_and_clear();
     let logs = result.with_context(|| format!("training into {}", opts.run_dir.display()))?;
+    if launch.as_ref().is_some_and(|l| l.rank != 0) {
+        // Rank 0 reports the run.
+        return Ok(());
+    }
     println!("{} epoch(s) trained; logs and checkpoints in {}", logs.len(), opts.run_dir.display());
     let history = cps3d::training::checkpoint::read_log(&opts.run_dir.join("log.jsonl"));
     if let Some(text) = cps3d::training::run::read_failure_summary(&history) {

@@ -62,15 +62,16 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t timeout_ms) {
 extern "C" {
 
 // Rank 0 serves the store; the others connect, all waiting for the whole world.
-cps3d_store* cps3d_store_tcp(const char* host, int port, int rank, int world, int64_t timeout_ms, char* err,
-                             size_t n) {
+// With `agent` (torchrun's own store, TORCHELASTIC_USE_AGENT_STORE) every rank is a client.
+cps3d_store* cps3d_store_tcp(const char* host, int port, int rank, int world, int agent, int64_t timeout_ms,
+                             char* err, size_t n) {
   cps3d_store* out = nullptr;
   guarded(err, n, [&] {
     c10d::TCPStoreOptions o;
     o.port = static_cast<uint16_t>(port);
-    o.isServer = rank == 0;
+    o.isServer = rank == 0 && !agent;
     o.numWorkers = world;
-    o.waitWorkers = true;
+    o.waitWorkers = !agent;
     o.timeout = std::chrono::milliseconds(timeout_ms);
     out = new cps3d_store{c10::make_intrusive<c10d::TCPStore>(std::string(host), o)};
   });

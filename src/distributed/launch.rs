@@ -15,6 +15,10 @@ pub struct Launch {
     pub master_port: u16,
     /// "torchrun" or "slurm": which variables said so.
     pub launcher: &'static str,
+    /// The store at MASTER_ADDR:MASTER_PORT is torchrun's agent's (every rank a client),
+    /// and this is its `restart`-th start of the workers.
+    pub agent_store: bool,
+    pub restart: usize,
 }
 
 /// torchrun's default store port.
@@ -43,6 +47,8 @@ impl Launch {
                 master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
                 master_port: port,
                 launcher: "torchrun",
+                agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+                restart: number("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0),
             }
         } else if let (Some(rank), Some(world)) = (number("SLURM_PROCID")?, number("SLURM_NTASKS")?) {
             let nodes = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST"));
@@ -69,6 +75,8 @@ impl Launch {
                 master_addr,
                 master_port: port,
                 launcher: "slurm",
+                agent_store: false,
+                restart: 0,
             }
         } else {
             return Ok(None);
@@ -135,6 +143,15 @@ mod tests {
         let l = Launch::from_env(e).unwrap().unwrap();
         assert_eq!((l.rank, l.world_size, l.local_rank, l.local_world_size), (5, 8, 1, 4));
         assert_eq!((l.master_addr.as_str(), l.master_port, l.launcher), ("node7", 29511, "torchrun"));
+        assert_eq!((l.agent_store, l.restart), (false, 0));
+        let e = env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ]);
+        let l = Launch::from_env(e).unwrap().unwrap();
+        assert_eq!((l.agent_store, l.restart, l.master_port), (true, 2, DEFAULT_PORT));
     }
 
     #[test]

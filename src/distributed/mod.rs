@@ -31,6 +31,7 @@ extern "C" {
         port: i32,
         rank: i32,
         world: i32,
+        agent: i32,
         timeout_ms: i64,
         err: *mut c_char,
         n: usize,
@@ -97,6 +98,19 @@ impl Store {
     /// Serves (rank 0) or joins the store at `host:port`, waiting at most `timeout` for
     /// all `world` ranks.
     pub fn tcp(host: &str, port: u16, rank: usize, world: usize, timeout: Duration) -> Result<Store, String> {
+        Store::connect(host, port, rank, world, false, timeout)
+    }
+
+    /// [`Store::tcp`], or with `agent` a client of a store someone else serves there
+    /// (torchrun's agent store, `TORCHELASTIC_USE_AGENT_STORE=True`).
+    pub fn connect(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        agent: bool,
+        timeout: Duration,
+    ) -> Result<Store, String> {
         if world == 0 || rank >= world {
             return Err(format!("rank {rank} of a world of {world}: ranks are 0..world"));
         }
@@ -109,6 +123,7 @@ impl Store {
                 port as i32,
                 rank as i32,
                 world as i32,
+                agent as i32,
                 millis(timeout),
                 err.as_mut_ptr() as *mut c_char,
                 ERR_LEN,
@@ -148,8 +163,9 @@ impl std::fmt::Debug for ProcessGroup {
     }
 }
 
-// c10d backends are thread-safe; the handle is used by one thread at a time anyway.
+// c10d backends are thread-safe (PyTorch calls them from any thread).
 unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
 
 impl ProcessGroup {
     /// This rank's Gloo group `name` over every rank of the store, each collective waiting
@@ -279,24 +295,62 @@ impl ProcessGroup {
         self.check("barrier", code, &err)
     }
 
-    /// The mean over the ranks of each tensor, in place, in one all-reduce: the tensors
-    /// (gradients, say) are packed into one float32 buffer, as DDP's buckets are.
+    /// The mean over the ranks of each tensor, in place, in one all-reduce.
     pub fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), String> {
+        self.all_reduce_packed(tensors, 1.0 / self.world as f64)
+    }
+
+    /// The sum over the ranks of each tensor, in place, in one all-reduce.
+    pub fn all_reduce_sum_many(&self, tensors: &mut [Tensor]) -> Result<(), String> {
+        self.all_reduce_packed(tensors, 1.0)
+    }
+
+    /// Rank `root`'s values of every tensor on every rank, in place, in one broadcast.
+    pub fn broadcast_many(&self, tensors: &mut [Tensor], root: usize) -> Result<(), String> {
         if tensors.is_empty() {
             return Ok(());
         }
-        let flat: Vec<Tensor> = tensors.iter().map(|t| t.to_kind(Kind::Float).reshape([-1])).collect();
+        let flat: Vec<Tensor> = tensors
+            .iter()
+            .map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Double).reshape([-1]))
+            .collect();
+        let mut buffer = Tensor::cat(&flat, 0);
+        self.broadcast(&mut buffer, root)?;
+        self.unpack(&buffer, tensors);
+        Ok(())
+    }
+
+    /// Each tensor summed over the ranks and scaled by `scale`, in place, in one
+    /// all-reduce: the tensors (gradients, say) are packed into one CPU buffer, as DDP's
+    /// buckets are.
+    fn all_reduce_packed(&self, tensors: &mut [Tensor], scale: f64) -> Result<(), String> {
+        if tensors.is_empty() {
+            return Ok(());
+        }
+        // float64: the sum of the ranks' float32 parts is then rounded once, as one
+        // process's own accumulation would be.
+        let flat: Vec<Tensor> = tensors
+            .iter()
+            .map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Double).reshape([-1]))
+            .collect();
         let mut buffer = Tensor::cat(&flat, 0);
         self.all_reduce_sum(&mut buffer)?;
-        let _ = buffer.g_div_scalar_(self.world as f64);
+        if scale != 1.0 {
+            let _ = buffer.g_mul_scalar_(scale);
+        }
+        self.unpack(&buffer, tensors);
+        Ok(())
+    }
+
+    /// Copies the packed `buffer` back into the tensors, each on its device and kind.
+    fn unpack(&self, buffer: &Tensor, tensors: &mut [Tensor]) {
         let mut offset = 0;
         for t in tensors.iter_mut() {
             let n = t.numel() as i64;
-            let part = buffer.narrow(0, offset, n).reshape(t.size()).to_kind(t.kind());
+            let part = buffer.narrow(0, offset, n).reshape(t.size()).to_kind(t.kind()).to_device(t.device());
             tch::no_grad(|| t.copy_(&part));
             offset += n;
         }
-        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use cps3d_actors::augment::AugmentConfig;
-use cps3d_actors::datapath::{CaseSource, DataPathConfig, Normalize};
+use cps3d_actors::datapath::{CaseSource, DataPathConfig, GlobalBatch, Normalize};
 
 use crate::error::{Error, Result};
 use crate::planning::plan::Plans;
@@ -25,6 +25,9 @@ pub struct DataKnobs {
     pub consumers: usize,
     pub open_shards: usize,
     pub seed: u64,
+    /// Keyed batches: this rank's slice of every global batch (`labeled`/`unlabeled` are
+    /// then per rank). None: samples as the workers make them.
+    pub global: Option<GlobalBatch>,
 }
 
 impl Default for DataKnobs {
@@ -43,6 +46,7 @@ impl Default for DataKnobs {
             consumers: 2,
             open_shards: 16,
             seed: 0,
+            global: None,
         }
     }
 }
@@ -91,6 +95,7 @@ pub fn datapath_config(shards: &Path, k: &DataKnobs) -> Result<DataPathConfig> {
     cfg.consumers = k.consumers;
     cfg.open_shards_per_loader = k.open_shards;
     cfg.seed = k.seed;
+    cfg.global = k.global;
     Ok(cfg)
 }
 

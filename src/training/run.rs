@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::planning::plan::{LambdaSchedule, Plans};
 use crate::util::FolderLock;
 use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner};
-use cps3d_actors::datapath::{DataPath, ReadFailure};
+use cps3d_actors::datapath::{DataPath, GlobalBatch, ReadFailure};
 
 pub use super::checkpoint::read_log;
 pub use super::options::{default_devices, parse_device, TrainOptions};
@@ -161,13 +161,33 @@ pub fn train(
     opts: &TrainOptions,
     start: Start,
     steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    on_progress: impl FnMut(Progress<'_>),
+) -> Result<Vec<EpochLog>> {
+    train_on_ranks(opts, start, steps_done, on_progress, None)
+}
+
+/// [`train`] as one of `launch.world_size` data-parallel ranks (None: alone). Each rank
+/// holds a pair of siblings and trains its slice of every global batch (the plan's batch
+/// split evenly); sibling k's gradients are summed over the ranks in process group
+/// `sibling{k}` (c10d Gloo). Only rank 0 writes the run folder.
+pub fn train_on_ranks(
+    opts: &TrainOptions,
+    start: Start,
+    steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
     mut on_progress: impl FnMut(Progress<'_>),
+    launch: Option<&crate::distributed::launch::Launch>,
 ) -> Result<Vec<EpochLog>> {
     let started = Instant::now();
     opts.check()?;
     let run = &opts.run_dir;
-    std::fs::create_dir_all(run.join("checkpoints")).map_err(|e| Error::io(run, e))?;
-    let _run_lock = FolderLock::exclusive(run, "training")?;
+    let global = GlobalBatch { rank: launch.map_or(0, |l| l.rank), world: launch.map_or(1, |l| l.world_size) };
+    let writer = global.rank == 0;
+    let _run_lock = if writer {
+        std::fs::create_dir_all(run.join("checkpoints")).map_err(|e| Error::io(run, e))?;
+        Some(FolderLock::exclusive(run, "training")?)
+    } else {
+        None
+    };
     // Training reads the shards; a preprocess rewriting them must wait.
     let _shard_lock = FolderLock::shared(&opts.shards, "reading the shards")?;
     let previous = if start == Start::Resume { checkpoint::latest(run)? } else { None };
@@ -184,13 +204,13 @@ pub fn train(
             ));
         }
     }
-    if start == Start::New && checkpoint::has_results(run) {
+    if writer && start == Start::New && checkpoint::has_results(run) {
         return Err(Error::invalid(
             run,
             "holds a previous run (log.jsonl, checkpoints): continue it with --resume, or replace it with --overwrite",
         ));
     }
-    if start == Start::Overwrite {
+    if writer && start == Start::Overwrite {
         checkpoint::clear_results(run)?;
     }
     let (manifest, shard_plans) = read_shard_folder(&opts.shards)?;
@@ -207,13 +227,30 @@ pub fn train(
     if train_ids.is_empty() {
         return Err(Error::invalid(&opts.shards, "no labeled case to train on"));
     }
-    crate::util::write_json_atomic(&run.join("plans.json"), &plans)?;
-    crate::util::write_json_atomic(&run.join("train.json"), opts)?;
+    if writer {
+        crate::util::write_json_atomic(&run.join("plans.json"), &plans)?;
+        crate::util::write_json_atomic(&run.join("train.json"), opts)?;
+    }
+    // The plan's batch is the global batch: each rank streams its share of it.
+    let (labeled, unlabeled) = (plans.cps.labeled_batch, plans.cps.unlabeled_batch);
+    let unlabeled = if opts.supervised_only { 0 } else { unlabeled };
+    if labeled % global.world != 0 || unlabeled % global.world != 0 {
+        return Err(Error::invalid(
+            &opts.shards,
+            format!(
+                "a batch of {labeled} labeled + {unlabeled} unlabeled samples does not split over {} ranks; plan a \
+                 batch that does (plan --batch-size/--unlabeled-batch)",
+                global.world
+            ),
+        ));
+    }
+    let per_rank = (labeled / global.world, unlabeled / global.world);
     tracing::info!("fold {}: {} training and {} validation case(s)", opts.fold, train_ids.len(), val_ids.len());
 
     let devices = opts.trainer_devices()?;
     // The batches' host memory, before any network is built (a huge --patch grew until killed).
-    let cfg = datapath_config(&opts.shards, &data_knobs(opts, patch, devices.len()))?;
+    let knobs = data_knobs(opts, patch, devices.len(), global, per_rank);
+    let cfg = datapath_config(&opts.shards, &knobs)?;
     let what =
         format!("the data path (patch {patch:?}, {} sample(s) per batch)", cfg.labeled_batch + cfg.unlabeled_batch);
     crate::planning::plan::check_memory(super::data::datapath_bytes(&cfg), &what, "use a smaller --patch")
@@ -222,6 +259,34 @@ pub fn train(
         tch::set_num_threads(n as i32);
     }
     let cancel = Arc::new(Cancel::default());
+    // One store at rank 0, one process group per sibling over all ranks.
+    let timeout = std::time::Duration::from_secs(opts.timeout_seconds);
+    let (_store, groups) = match launch {
+        None => (None, Vec::new()),
+        Some(l) => {
+            let fail = |e: String| Error::invalid(run, e);
+            let (addr, port) = (&l.master_addr, l.master_port);
+            let store = crate::distributed::Store::connect(addr, port, l.rank, l.world_size, l.agent_store, timeout)
+                .map_err(fail)?;
+            // A restarted set of workers (torchrun) must not meet the last one's keys.
+            let group = |i: usize| format!("cps3d/{}/sibling{i}", l.restart);
+            let groups = (0..devices.len())
+                .map(|i| crate::distributed::ProcessGroup::gloo(&store, &group(i), timeout).map(Arc::new))
+                .collect::<std::result::Result<Vec<_>, String>>()
+                .map_err(fail)?;
+            tracing::info!(
+                "rank {} of {} ({}, store at {}:{}): training its share of every batch, {} + {}",
+                l.rank,
+                l.world_size,
+                l.launcher,
+                l.master_addr,
+                l.master_port,
+                per_rank.0,
+                per_rank.1
+            );
+            (Some(store), groups)
+        }
+    };
     // The first trainer's steps are counted for the estimate, whether or not the caller counts them.
     let steps_done = steps_done.unwrap_or_default();
     let setup = |index: usize, device: Device| TrainerSetup {
@@ -241,19 +306,33 @@ pub fn train(
         cancel: cancel.clone(),
         timeout: std::time::Duration::from_secs(opts.timeout_seconds),
         steps_done: (index == 0).then(|| steps_done.clone()),
+        ranks: groups.get(index).cloned(),
     };
     let trainers = Trainers::start(&devices, cancel.clone(), setup).map_err(|e| Error::invalid(run, e.to_string()))?;
     let timing = Timing { started, steps_done: &steps_done };
-    let result = epochs(opts, &plans, &trainers, previous, patch, &train_ids, &val_ids, timing, &mut on_progress);
+    let mut progress = |p: Progress<'_>| {
+        if writer {
+            on_progress(p)
+        }
+    };
+    let result = epochs(opts, &plans, &trainers, previous, &knobs, writer, &train_ids, &val_ids, timing, &mut progress);
     trainers.shutdown();
     let logs = result?;
-    if opts.final_validation && !val_ids.is_empty() && run.join("final.json").exists() {
+    if writer && opts.final_validation && !val_ids.is_empty() && run.join("final.json").exists() {
         super::validation::run_final_validation(opts, &manifest, &val_ids)?;
     }
     Ok(logs)
 }
 
-fn data_knobs(opts: &TrainOptions, patch: [usize; 3], consumers: usize) -> DataKnobs {
+/// Training's data path: keyed batches (the same samples whatever the worker counts,
+/// and on any number of ranks), this rank's `per_rank` share of each.
+fn data_knobs(
+    opts: &TrainOptions,
+    patch: [usize; 3],
+    consumers: usize,
+    global: GlobalBatch,
+    per_rank: (usize, usize),
+) -> DataKnobs {
     DataKnobs {
         loaders: opts.loaders,
         augmenters: opts.augmenters,
@@ -261,7 +340,9 @@ fn data_knobs(opts: &TrainOptions, patch: [usize; 3], consumers: usize) -> DataK
         no_augment: opts.no_augment,
         patch: Some(patch),
         consumers,
-        unlabeled: opts.supervised_only.then_some(0),
+        labeled: Some(per_rank.0),
+        unlabeled: Some(per_rank.1),
+        global: Some(global),
         ..Default::default()
     }
 }
@@ -279,7 +360,8 @@ fn epochs(
     plans: &Plans,
     trainers: &Trainers,
     previous: Option<(State, std::path::PathBuf)>,
-    patch: [usize; 3],
+    knobs: &DataKnobs,
+    writer: bool,
     train_ids: &[String],
     val_ids: &[String],
     timing: Timing<'_>,
@@ -292,12 +374,14 @@ fn epochs(
     let mut first_epoch = 0;
     if let Some((s, dir)) = previous {
         trainers.round(|i| Command::Load { path: dir.join(format!("net{i}.safetensors")) }, None).map_err(fail)?;
-        checkpoint::repair_log(&run.join("log.jsonl"), &s)?;
+        if writer {
+            checkpoint::repair_log(&run.join("log.jsonl"), &s)?;
+        }
         first_epoch = s.epoch + 1;
         state = State { options: opts.clone(), ..s };
         tracing::info!("resuming {} after epoch {}", run.display(), state.epoch);
     }
-    let mut knobs = data_knobs(opts, patch, trainers.len());
+    let mut knobs = knobs.clone();
     let mut logs = Vec::new();
     let count = || timing.steps_done.load(std::sync::atomic::Ordering::Relaxed);
     let steps_per_epoch = plans.cps.iterations_per_epoch;
@@ -350,7 +434,7 @@ fn epochs(
             // The next epoch's data path starts where this one's tuning ended.
             let w = dp.workers();
             (knobs.loaders, knobs.augmenters) = (w[0], w[1]);
-            for d in &decisions {
+            for d in decisions.iter().filter(|_| writer) {
                 checkpoint::append_log(
                     &run.join("autotune.jsonl"),
                     &serde_json::json!({ "epoch": epoch, "decision": d }),
@@ -414,6 +498,11 @@ fn epochs(
         let improved = state.ema > state.best_ema;
         if improved {
             state.best_ema = state.ema;
+        }
+        if !writer {
+            // Rank 0 keeps the run's record; the others only train.
+            logs.push(log);
+            continue;
         }
         save_checkpoint(run, trainers, &state, improved, epoch + 1 == plans.cps.epochs).map_err(|e| match e {
             RoundOrIo::Round(r) => fail(r),
@@ -485,7 +574,9 @@ fn validate_epoch(
     }
     let mut k = knobs.clone();
     k.no_augment = true;
-    k.unlabeled = Some(0);
+    // Every rank validates the same batches of the plan's size, so that all reach the same
+    // pseudo-Dice, and the same learning rate from it.
+    (k.labeled, k.unlabeled, k.global) = (None, Some(0), Some(GlobalBatch { rank: 0, world: 1 }));
     k.seed = knobs.seed ^ 0x5EED_0000_0000_0000 ^ epoch as u64;
     let mut cfg = datapath_config(shards, &k).map_err(RoundOrIo::Other)?;
     cfg.labeled.retain(|c| val_ids.contains(&c.id));

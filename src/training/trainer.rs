@@ -75,6 +75,8 @@ pub enum Fault {
     Injected(String),
     #[error("non-finite numbers: {0}")]
     NonFinite(String),
+    #[error("{0}")]
+    Collective(String),
     #[error("stopped: {0}")]
     Cancelled(String),
 }
@@ -241,6 +243,10 @@ pub struct TrainerSetup {
     pub timeout: Duration,
     /// Incremented after every step (progress bars).
     pub steps_done: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// This sibling's process group over the data-parallel ranks (None: one process).
+    /// Each rank trains its slice of every global batch; the losses are the global
+    /// batch's and the gradients are summed over the ranks.
+    pub ranks: Option<Arc<crate::distributed::ProcessGroup>>,
 }
 
 fn device_name(d: Device) -> String {
@@ -288,7 +294,7 @@ pub fn start(setup: TrainerSetup) -> Result<TrainerHandle, TrainerError> {
             };
             let _ = built_tx.send(Ok(()));
             let sgd = Sgd::new(setup.momentum, setup.nesterov, setup.weight_decay);
-            let mut state = TrainerState { setup, vs, net, sgd, scaler: LossScaler::default() };
+            let mut state = TrainerState { setup, vs, net, sgd, scaler: LossScaler::default(), ranks_in_sync: false };
             for cmd in cmd_rx.iter() {
                 let reply = state.handle(cmd);
                 if rep_tx.send(reply).is_err() {
@@ -333,6 +339,9 @@ struct TrainerState {
     net: UNet,
     sgd: Sgd,
     scaler: LossScaler,
+    /// Whether the ranks hold the same weights and optimizer state (set once rank 0's
+    /// are broadcast: after start, and after every load).
+    ranks_in_sync: bool,
 }
 
 /// Labels cross to the device as u8 (an eighth of int64's bytes) and widen there, to
@@ -441,7 +450,13 @@ impl TrainerState {
         at_out: &mut Option<StepAt>,
     ) -> Result<EpochStats, TrainerError> {
         let dev = self.setup.device;
-        let loss = DiceCe { batch_dice: self.setup.batch_dice, ..Default::default() };
+        let ranks = self.setup.ranks.clone();
+        if let (Some(pg), false) = (&ranks, self.ranks_in_sync) {
+            self.broadcast_state(pg).map_err(|e| self.error(Some(StepAt { epoch, step: 0 }), Fault::Collective(e)))?;
+            self.ranks_in_sync = true;
+        }
+        let global: Option<&dyn super::loss::GlobalSum> = ranks.as_deref().map(|p| p as &dyn super::loss::GlobalSum);
+        let loss = DiceCe { batch_dice: self.setup.batch_dice, ranks: global, ..Default::default() };
         let mut stats = EpochStats::default();
         let mut total = Duration::ZERO;
         let mut phases = StepPhases::default();
@@ -516,15 +531,25 @@ impl TrainerState {
                 }
             };
             let scale_before = self.scaler.scale;
+            // Every rank's loss is the global batch's, differentiated on its own samples: the
+            // global gradient is the sum of the ranks' (before unscaling and clipping).
+            let sum_over_ranks = |vs: &nn::VarStore| -> Result<(), TrainerError> {
+                let Some(pg) = &ranks else { return Ok(()) };
+                let mut grads: Vec<Tensor> =
+                    vs.trainable_variables().iter().map(|v| v.grad()).filter(|g| g.defined()).collect();
+                pg.all_reduce_sum_many(&mut grads).map_err(|e| self.error(Some(at), Fault::Collective(e)))
+            };
             let (norm, stepped) = if amp {
                 (&total_loss * self.scaler.scale).backward();
                 finish_first_stage();
+                sum_over_ranks(&self.vs)?;
                 let ok = self.scaler.unscale(&self.vs);
                 let norm = if ok { clip_grad_norm(&self.vs, self.setup.grad_clip) } else { f64::NAN };
                 (norm, ok)
             } else {
                 total_loss.backward();
                 finish_first_stage();
+                sum_over_ranks(&self.vs)?;
                 (clip_grad_norm(&self.vs, self.setup.grad_clip), true)
             };
             lap(&mut phases.backward);
@@ -601,18 +626,23 @@ impl TrainerState {
     }
 
     /// Faults tests arm with `FAILPOINTS="trainer-step=return(SIBLING:EPOCH:STEP:KIND)"`,
-    /// KIND one of `error`, `panic`, `oom`, `hang`.
+    /// KIND one of `error`, `panic`, `oom`, `hang`, `abort` (the process dies as by
+    /// kill -9); `…:KIND:RANK` only in that data-parallel rank (`RANK`).
     fn injected_fault(&self, at: StepAt) -> Result<(), TrainerError> {
         let Some(arg) = injected("trainer-step") else { return Ok(()) };
         let parts: Vec<&str> = arg.split(':').collect();
         let here = [self.setup.index.to_string(), at.epoch.to_string(), at.step.to_string()];
-        if parts.len() != 4 || parts[..3] != here {
+        if !(parts.len() == 4 || parts.len() == 5) || parts[..3] != here {
+            return Ok(());
+        }
+        if parts.len() == 5 && std::env::var("RANK").as_deref() != Ok(parts[4]) {
             return Ok(());
         }
         match parts[3] {
             "error" => Err(self.error(Some(at), Fault::Injected("injected error".into()))),
             "panic" => panic!("injected panic"),
             "oom" => panic!("CUDA out of memory. Tried to allocate 2.00 GiB (injected)"),
+            "abort" => std::process::abort(),
             "hang" => loop {
                 // Stalls until the supervisor gives up on this trainer.
                 if let Some(reason) = self.setup.cancel.reason() {
@@ -656,6 +686,23 @@ impl TrainerState {
             }
             Ok(counts)
         })
+    }
+
+    /// Rank 0's weights, momentum and loss scale on every rank.
+    fn broadcast_state(&mut self, pg: &crate::distributed::ProcessGroup) -> Result<(), String> {
+        let mut state: Vec<Tensor> = self.named_state().into_iter().map(|(_, t)| t).collect();
+        pg.broadcast_many(&mut state, 0)?;
+        // named_state holds the variables and buffers themselves (shallow), and copies of
+        // the scaler's numbers: those are read back.
+        let names: Vec<String> = self.named_state().into_iter().map(|(n, _)| n).collect();
+        for (name, t) in names.iter().zip(&state) {
+            if name == "scaler.scale" {
+                self.scaler.scale = t.double_value(&[0]);
+            } else if name == "scaler.clean_steps" {
+                self.scaler.set_clean_steps(t.int64_value(&[0]) as usize);
+            }
+        }
+        Ok(())
     }
 
     fn named_state(&self) -> Vec<(String, Tensor)> {
@@ -712,6 +759,7 @@ impl TrainerState {
         }
         self.sgd.buffers = buffers;
         self.scaler = scaler;
+        self.ranks_in_sync = false;
         Ok(())
     }
 }
