@@ -307,14 +307,7 @@ impl ProcessGroup {
 
     /// Rank `root`'s values of every tensor on every rank, in place, in one broadcast.
     pub fn broadcast_many(&self, tensors: &mut [Tensor], root: usize) -> Result<(), String> {
-        if tensors.is_empty() {
-            return Ok(());
-        }
-        let flat: Vec<Tensor> = tensors
-            .iter()
-            .map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Double).reshape([-1]))
-            .collect();
-        let mut buffer = Tensor::cat(&flat, 0);
+        let Some(mut buffer) = pack(tensors) else { return Ok(()) };
         self.broadcast(&mut buffer, root)?;
         self.unpack(&buffer, tensors);
         Ok(())
@@ -324,16 +317,7 @@ impl ProcessGroup {
     /// all-reduce: the tensors (gradients, say) are packed into one CPU buffer, as DDP's
     /// buckets are.
     fn all_reduce_packed(&self, tensors: &mut [Tensor], scale: f64) -> Result<(), String> {
-        if tensors.is_empty() {
-            return Ok(());
-        }
-        // float64: the sum of the ranks' float32 parts is then rounded once, as one
-        // process's own accumulation would be.
-        let flat: Vec<Tensor> = tensors
-            .iter()
-            .map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Double).reshape([-1]))
-            .collect();
-        let mut buffer = Tensor::cat(&flat, 0);
+        let Some(mut buffer) = pack(tensors) else { return Ok(()) };
         self.all_reduce_sum(&mut buffer)?;
         if scale != 1.0 {
             let _ = buffer.g_mul_scalar_(scale);
@@ -352,6 +336,17 @@ impl ProcessGroup {
             offset += n;
         }
     }
+}
+
+/// The tensors flattened into one float64 CPU buffer (None when there are none). float64:
+/// a sum of the ranks' float32 parts is then rounded once, as one process's would be.
+fn pack(tensors: &[Tensor]) -> Option<Tensor> {
+    if tensors.is_empty() {
+        return None;
+    }
+    let flat: Vec<Tensor> =
+        tensors.iter().map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Double).reshape([-1])).collect();
+    Some(Tensor::cat(&flat, 0))
 }
 
 fn contiguous_cpu(t: &Tensor, what: &str) -> Result<(), String> {
