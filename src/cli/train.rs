@@ -122,7 +122,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         return super::ranks::run_local_ranks(n, a.threads.is_none());
     }
-    super::start_metrics(a.metrics_addr.as_deref())?;
+    // One endpoint per run, rank 0's (the others' series are the same steps).
+    if launch.as_ref().is_none_or(|l| l.rank == 0) {
+        super::start_metrics(a.metrics_addr.as_deref())?;
+    }
+
     let (opts, start) = match &a.resume {
         Some(dir) => {
             let req = ResumeRequest {
