@@ -55,6 +55,15 @@ fn one_and_two_ranks(tmp: &Path, shards: &Path, steps: &str) -> (std::path::Path
     (one, two)
 }
 
+/// Each epoch's mean pseudo-Dice of the validation (counts summed over the ranks).
+fn log_dice(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["mean_pseudo_dice"].as_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
 fn assert_same_losses(one: &Path, two: &Path, steps: usize, relative: f64) {
     let (la, lb) = (log_losses(one), log_losses(two));
     assert_eq!((la.len(), lb.len()), (steps, steps));
@@ -75,6 +84,11 @@ fn two_ranks_with_half_batches_train_as_one_process_with_the_whole_batch() {
     // convolved and reduced as one or as two halves, the ranks' gradients added).
     let (one, two) = one_and_two_ranks(&tmp.path().join("short"), &sh, "3");
     assert_same_losses(&one, &two, 3, 1e-5);
+    // Validation split over the ranks, its counts summed: the one-process pseudo-Dice (a
+    // voxel whose two best logits tie may go either way: 1e-3).
+    for (a, b) in log_dice(&one).iter().zip(log_dice(&two)) {
+        assert!((a - b).abs() <= 1e-3 || (a.is_nan() && b.is_nan()), "pseudo-Dice {a} vs {b}");
+    }
     for net in ["net0", "net1"] {
         let read = |run: &Path| -> std::collections::BTreeMap<String, tch::Tensor> {
             let file = run.join(format!("checkpoints/epoch_0002/{net}.safetensors"));

@@ -574,9 +574,13 @@ fn validate_epoch(
     }
     let mut k = knobs.clone();
     k.no_augment = true;
-    // Every rank validates the same batches of the plan's size, so that all reach the same
-    // pseudo-Dice, and the same learning rate from it.
-    (k.labeled, k.unlabeled, k.global) = (None, Some(0), Some(GlobalBatch { rank: 0, world: 1 }));
+    // The plan's labeled batch as the global batch, each rank predicting its slice and the
+    // trainers summing the counts over the ranks: all reach the same pseudo-Dice, and the
+    // same learning rate from it. (A batch that does not split: every rank all of it.)
+    let global = knobs.global.unwrap_or(GlobalBatch { rank: 0, world: 1 });
+    let labeled = knobs.labeled.unwrap_or(0) * global.world;
+    let global = if labeled > 0 && labeled % global.world == 0 { global } else { GlobalBatch { rank: 0, world: 1 } };
+    (k.labeled, k.unlabeled, k.global) = (Some(labeled / global.world), Some(0), Some(global));
     k.seed = knobs.seed ^ 0x5EED_0000_0000_0000 ^ epoch as u64;
     let mut cfg = datapath_config(shards, &k).map_err(RoundOrIo::Other)?;
     cfg.labeled.retain(|c| val_ids.contains(&c.id));

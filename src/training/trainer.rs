@@ -684,6 +684,16 @@ impl TrainerState {
                     }
                 }
             }
+            // Ranks validate their slices of the same batches: the counts of all of them.
+            if let Some(pg) = &self.setup.ranks {
+                let flat: Vec<i64> = counts.iter().flatten().map(|&c| c as i64).collect();
+                let mut t = Tensor::from_slice(&flat);
+                pg.all_reduce_sum(&mut t).map_err(|e| self.error(None, Fault::Collective(e)))?;
+                let summed = Vec::<i64>::try_from(&t).unwrap_or_default();
+                for (c, v) in counts.iter_mut().flatten().zip(summed) {
+                    *c = v as u64;
+                }
+            }
             Ok(counts)
         })
     }
