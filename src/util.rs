@@ -185,6 +185,19 @@ pub fn part_count(out: &Path) -> Result<usize> {
     }
 }
 
+/// Part `part`'s file beside `out` and what it holds; a part whose file is not there
+/// was not run, or did not finish (parts are written atomically).
+pub fn read_part<T: serde::de::DeserializeOwned>(out: &Path, part: Part) -> Result<(PathBuf, T)> {
+    let file = part.file(out);
+    if !file.exists() {
+        let (index, count) = (part.index, part.count);
+        return Err(Error::invalid(&file, format!("missing: part {index} of {count} was not run or did not finish")));
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let value = serde_json::from_str(&text).map_err(|e| Error::json(&file, e))?;
+    Ok((file, value))
+}
+
 /// The part a Slurm job array task is (`SLURM_ARRAY_TASK_ID` counted from
 /// `SLURM_ARRAY_TASK_MIN`, of `SLURM_ARRAY_TASK_COUNT`), if this is one.
 pub fn slurm_array_part(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Option<Part>, String> {

@@ -107,8 +107,7 @@ fn cases(input: &Path) -> Result<Vec<Case>> {
     };
     let mut by_case: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for f in files {
-        let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let stem = name.trim_end_matches(".gz").trim_end_matches(".nii").to_string();
+        let stem = cps3d::io::nifti_stem(&f);
         let id = cps3d::dataset::split_channel(&stem).map_or(stem.clone(), |(id, _)| id.to_string());
         by_case.entry(id).or_default().push(f);
     }

@@ -20,16 +20,10 @@ pub struct ShowArgs {
 }
 
 pub fn run(a: ShowArgs) -> Result<()> {
-    let title = case_title(&a.prediction);
+    let title = cps3d::io::nifti_stem(&a.prediction);
     let layout = cps3d::preview::render_files(&a.image, &a.prediction, a.reference.as_deref(), &title, &a.out)?;
     let slices: Vec<String> =
         layout.panels.iter().filter(|p| p.row == 0).map(|p| format!("{:?} {}", p.view, p.slice)).collect();
     println!("{} ({}×{} px; slices {})", a.out.display(), layout.width, layout.height, slices.join(", "));
     Ok(())
-}
-
-/// A case's name from its file: `CASE.nii.gz` → `CASE`.
-pub fn case_title(path: &std::path::Path) -> String {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    name.trim_end_matches(".gz").trim_end_matches(".nii").to_string()
 }

@@ -34,18 +34,18 @@ impl Launch {
                 Some(v) => v.trim().parse().map(Some).map_err(|_| format!("{name}={v:?} is not a whole number")),
             }
         };
+        let given_port = match get("MASTER_PORT") {
+            Some(p) => Some(p.trim().parse::<u16>().map_err(|_| format!("MASTER_PORT={p:?} is not a port"))?),
+            None => None,
+        };
         let launch = if let (Some(rank), Some(world)) = (number("RANK")?, number("WORLD_SIZE")?) {
-            let port = match get("MASTER_PORT") {
-                Some(p) => p.trim().parse().map_err(|_| format!("MASTER_PORT={p:?} is not a port"))?,
-                None => DEFAULT_PORT,
-            };
             Launch {
                 rank,
                 world_size: world,
                 local_rank: number("LOCAL_RANK")?.unwrap_or(rank),
                 local_world_size: number("LOCAL_WORLD_SIZE")?.unwrap_or(world),
                 master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
-                master_port: port,
+                master_port: given_port.unwrap_or(DEFAULT_PORT),
                 launcher: "torchrun",
                 agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")),
                 restart: number("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0),
@@ -57,8 +57,8 @@ impl Launch {
                 (None, Some(list)) => first_host(&list)?,
                 (None, None) => return Err("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_JOB_NODELIST".into()),
             };
-            let port = match (get("MASTER_PORT"), number("SLURM_JOB_ID")?) {
-                (Some(p), _) => p.trim().parse().map_err(|_| format!("MASTER_PORT={p:?} is not a port"))?,
+            let port = match (given_port, number("SLURM_JOB_ID")?) {
+                (Some(p), _) => p,
                 // Jobs sharing a node get different ports.
                 (None, Some(job)) => 20000 + (job % 10000) as u16,
                 (None, None) => DEFAULT_PORT,

@@ -356,12 +356,11 @@ pub fn check_options(model: &Model, opts: &PredictOptions) -> Result<()> {
 /// lone file without the suffix is channel 0 of a one-channel model). Anything else
 /// would feed one channel's scan to another's weights.
 fn check_channel_files(case: &Case, plan_channels: &std::collections::BTreeMap<usize, String>) -> Result<()> {
-    let stem = |p: &PathBuf| {
-        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        name.trim_end_matches(".gz").trim_end_matches(".nii").to_string()
-    };
-    let numbers: Vec<Option<usize>> =
-        case.images.iter().map(|p| crate::dataset::split_channel(&stem(p)).map(|(_, ch)| ch)).collect();
+    let numbers: Vec<Option<usize>> = case
+        .images
+        .iter()
+        .map(|p| crate::dataset::split_channel(&crate::io::nifti_stem(p)).map(|(_, ch)| ch))
+        .collect();
     if numbers == [None] && plan_channels.len() == 1 {
         return Ok(());
     }

@@ -321,15 +321,7 @@ pub fn merge_parts(root: &Path, out: &Path) -> Result<Fingerprint> {
     };
     for index in 0..count {
         let part = Part { index, count };
-        let file = part.file(out);
-        if !file.exists() {
-            return Err(Error::invalid(
-                &file,
-                format!("missing: part {index} of {count} was not run or did not finish"),
-            ));
-        }
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-        let p: FingerprintPart = serde_json::from_str(&text).map_err(|e| Error::json(&file, e))?;
+        let (file, p): (_, FingerprintPart) = crate::util::read_part(out, part)?;
         let expected: Vec<String> = ds.share(part).iter().map(|c| c.id.clone()).collect();
         let stale = |why: String| Error::invalid(&file, format!("stale: {why}; run part {index}/{count} again"));
         if p.part != index || p.parts != count || p.dataset_root != root {

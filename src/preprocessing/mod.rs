@@ -522,15 +522,7 @@ pub fn merge_parts(root: &Path, plans: &Plans, out: &Path, configuration: &str) 
     let (mut done, mut failed) = (Vec::new(), Vec::new());
     for index in 0..count {
         let part = crate::util::Part { index, count };
-        let file = part.file(&manifest_path);
-        if !file.exists() {
-            return Err(Error::invalid(
-                &file,
-                format!("missing: part {index} of {count} was not run or did not finish"),
-            ));
-        }
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-        let p: ManifestPart = serde_json::from_str(&text).map_err(|e| Error::json(&file, e))?;
+        let (file, p): (_, ManifestPart) = crate::util::read_part(&manifest_path, part)?;
         let stale = |why: String| Error::invalid(&file, format!("stale: {why}; run part {index}/{count} again"));
         let expected: Vec<String> = ds.share(part).iter().map(|c| c.id.clone()).collect();
         if p.part != index || p.parts != count || p.share != expected {
