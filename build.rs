@@ -33,7 +33,22 @@ fn build_c10d_shim(root: &Path) {
     let shim = Path::new("src/distributed/c10d_shim.cpp");
     println!("cargo:rerun-if-changed={}", shim.display());
     println!("cargo:rerun-if-changed=src/distributed/gloo_decl");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    if root.join("lib/libtorch_cuda.so").exists() {
+        match nccl_include_dirs(root) {
+            Ok(dirs) => {
+                build.define("USE_C10D_NCCL", None);
+                for d in dirs {
+                    build.include(d);
+                }
+            }
+            Err(missing) => println!(
+                "cargo:warning=CUDA libtorch without {missing}: built without NCCL, CUDA gradients are reduced by \
+                 Gloo through host memory (scripts/setup-libtorch.sh --gpu installs the headers)"
+            ),
+        }
+    }
+    build
         .cpp(true)
         .std("c++17")
         .file(shim)
@@ -47,6 +62,47 @@ fn build_c10d_shim(root: &Path) {
         // libtorch's headers warn a lot under -Wall; the shim's own code is small.
         .flag_if_supported("-w")
         .compile("cps3d_c10d");
+}
+
+/// The folders that hold the headers ProcessGroupNCCL.hpp includes (NCCL's, CUDA's runtime,
+/// its compiler's host headers, CCCL's and the math libraries' ATen's CUDA context names):
+/// a CUDA toolkit (`CUDA_HOME`, /usr/local/cuda) or the NVIDIA wheels beside a pip torch.
+/// Err names the first header found nowhere.
+fn nccl_include_dirs(root: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    for var in ["NCCL_INCLUDE_DIR", "CUDA_HOME"] {
+        if let Ok(v) = std::env::var(var) {
+            let p = Path::new(&v);
+            candidates.push(if var == "CUDA_HOME" { p.join("include") } else { p.to_path_buf() });
+        }
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    candidates.push("/usr/include".into());
+    // pip's layout: site-packages/{torch, nvidia/<package>/include}.
+    if let Some(site) = root.parent() {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            let mut wheels: Vec<_> = entries.flatten().map(|e| e.path().join("include")).collect();
+            wheels.sort();
+            candidates.extend(wheels);
+        }
+    }
+    let needed = ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target", "cusparse.h", "cublas_v2.h"];
+    let mut dirs = Vec::new();
+    for header in needed {
+        let dir = candidates.iter().find(|d| d.join(header).exists()).ok_or_else(|| header.to_string())?;
+        if !dirs.contains(dir) {
+            dirs.push(dir.clone());
+        }
+    }
+    // Headers the found ones include in turn live beside them or in the other wheels.
+    for d in &candidates {
+        if d.exists() && !dirs.contains(d) && !d.starts_with("/usr/include") {
+            dirs.push(d.clone());
+        }
+    }
+    Ok(dirs)
 }
 
 /// The version written by scripts/setup-libtorch.sh (`build-version`), or the one in a

@@ -14,6 +14,8 @@ set -euo pipefail
 TORCH_VERSION=2.13.0
 CUDART_VERSION=13.0.96
 CUPTI_VERSION=13.0.85
+# The CUDA toolkit torch 2.13's wheel depends on (its METADATA: cuda-toolkit[...]==13.0.3).
+CUDA_TOOLKIT_VERSION=13.0.3
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${CPS3D_CACHE:-$HOME/.cache/cps3d}"
@@ -45,6 +47,14 @@ if [[ "$mode" == gpu ]]; then
     "$python" -m venv "$target"
     "$target/bin/pip" install -q "torch==$TORCH_VERSION"
     touch "$target/.complete"
+  fi
+  # The headers c10d's NCCL process group includes beyond torch's own (CUDA's compiler
+  # host headers and CCCL; NCCL's and the math libraries' come with torch): without them
+  # cps3d builds without NCCL and reduces CUDA gradients through host memory with Gloo.
+  if [[ ! -f "$target/.nccl-headers" ]]; then
+    log "adding the CUDA headers the NCCL process group needs (a few MB)"
+    "$target/bin/pip" install -q "cuda-toolkit[crt,cccl]==$CUDA_TOOLKIT_VERSION"
+    touch "$target/.nccl-headers"
   fi
   dir="$(libtorch_dir)"
 else

@@ -9,6 +9,8 @@ pub struct Info {
     pub cudnn_available: bool,
     pub cuda_device_count: i64,
     pub cuda_devices: Vec<String>,
+    /// c10d process groups for multi-rank training: NCCL (CUDA) was compiled in.
+    pub nccl: bool,
     pub cpu_threads: i32,
     pub cpu_cores: usize,
     /// bfloat16 dot products in hardware (`train --cpu-bf16`, the demo's default).
@@ -71,6 +73,7 @@ pub fn collect() -> Info {
         cudnn_available: cuda_available && tch::Cuda::cudnn_is_available(),
         cuda_device_count: count,
         cuda_devices: if count > 0 { gpu_names(count as usize) } else { Vec::new() },
+        nccl: crate::distributed::has_nccl(),
         cpu_threads: tch::get_num_threads(),
         cpu_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         cpu_native_bf16: crate::training::options::cpu_has_native_bf16(),
@@ -114,6 +117,11 @@ impl std::fmt::Display for Info {
         } else {
             writeln!(f, "CUDA available: no (training and inference run on the CPU)")?;
         }
+        writeln!(
+            f,
+            "multi-rank training (c10d): Gloo{}",
+            if self.nccl { ", NCCL" } else { " (CUDA gradients through host memory: this build has no NCCL)" }
+        )?;
         write!(
             f,
             "CPU: {} cores, libtorch uses {} threads, bfloat16 {}",

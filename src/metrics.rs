@@ -108,8 +108,11 @@ pub fn global() -> Option<&'static Metrics> {
 }
 
 impl Metrics {
-    fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("cps3d");
+    /// The registry; with `rank` (a rank of a multi-process run) every series carries it
+    /// as the label `rank`.
+    fn new(rank: Option<usize>) -> Metrics {
+        let labels = rank.map(|r| (std::borrow::Cow::Borrowed("rank"), std::borrow::Cow::Owned(r.to_string())));
+        let mut registry = Registry::with_prefix_and_labels("cps3d", labels.into_iter());
         let trainer = TrainerMetrics::new();
         registry.register_with_unit(
             "trainer_step",
@@ -365,9 +368,9 @@ impl Collector for ProcessCollector {
 }
 
 /// Starts the HTTP server on `addr` (port 0: any free port) in its own thread and returns
-/// the address it listens on. The metrics are recorded from then on.
-pub fn serve(addr: &str) -> std::io::Result<SocketAddr> {
-    let metrics = GLOBAL.get_or_init(Metrics::new);
+/// the address it listens on. The metrics are recorded from then on; `rank` labels them.
+pub fn serve(addr: &str, rank: Option<usize>) -> std::io::Result<SocketAddr> {
+    let metrics = GLOBAL.get_or_init(|| Metrics::new(rank));
     let listener = std::net::TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -416,7 +419,7 @@ mod tests {
 
     #[test]
     fn training_steps_become_a_histogram_and_counters_per_sibling() {
-        let m = Metrics::new();
+        let m = Metrics::new(None);
         m.trainer.record_step(1, 0.3, 0.01);
         m.trainer.record_step(1, 0.5, 0.0);
         m.trainer.lambda.set(0.25);
@@ -438,5 +441,17 @@ mod tests {
         assert!(bucket("le=\"0.64\"").is_some_and(|l| l.ends_with(" 2")), "{text}");
         // No data path yet: no data-path families, and the text is still complete.
         assert!(!text.contains("datapath_items") && text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_rank_of_a_multi_process_run_labels_every_series_with_it() {
+        let m = Metrics::new(Some(3));
+        m.trainer.record_step(0, 0.3, 0.0);
+        m.trainer.lambda.set(0.5);
+        let text = m.encode();
+        assert!(text.contains("cps3d_trainer_steps_total{rank=\"3\",sibling=\"0\"} 1"), "{text}");
+        assert!(text.contains("cps3d_trainer_cps_lambda{rank=\"3\"} 0.5"), "{text}");
+        // The collectors' series too (the process's memory).
+        assert!(text.lines().any(|l| l.starts_with("cps3d_process_resident_memory_bytes{rank=\"3\"}")), "{text}");
     }
 }

@@ -5,6 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cps3d::distributed::roster::{hostname, Roster};
 use cps3d::distributed::{ProcessGroup, Store};
 use tch::Tensor;
 
@@ -88,14 +89,21 @@ fn gloo_collectives_across_three_processes() {
     finish(children);
 }
 
+/// Rank 0's group over `world` ranks, with the roster that names a rank that stops.
+fn group_with_roster(rank: usize, world: usize, port: u16, timeout: Duration) -> (Store, ProcessGroup) {
+    let store = Store::tcp("127.0.0.1", port, rank, world, Duration::from_secs(20)).unwrap();
+    let roster = Roster::join("127.0.0.1", port, rank, world, "test").unwrap();
+    let pg = ProcessGroup::gloo(&store, "test", timeout).unwrap().with_roster(roster);
+    (store, pg)
+}
+
 #[test]
-fn a_rank_that_dies_ends_the_others_collective_with_an_error_not_a_hang() {
-    let test = "a_rank_that_dies_ends_the_others_collective_with_an_error_not_a_hang";
+fn a_rank_that_dies_ends_the_others_collective_with_an_error_naming_it() {
+    let test = "a_rank_that_dies_ends_the_others_collective_with_an_error_naming_it";
     let (rank, port) = role();
     let port = port.unwrap_or_else(free_port);
     let children = if rank == 0 { start_ranks(test, 2, port, &[]) } else { vec![] };
-    let store = Store::tcp("127.0.0.1", port, rank, 2, Duration::from_secs(20)).unwrap();
-    let pg = ProcessGroup::gloo(&store, "test", Duration::from_secs(20)).unwrap();
+    let (_store, pg) = group_with_roster(rank, 2, port, Duration::from_secs(20));
     let mut t = Tensor::from_slice(&[1.0f32]);
     pg.all_reduce_sum(&mut t).unwrap();
     if rank == 1 {
@@ -106,9 +114,39 @@ fn a_rank_that_dies_ends_the_others_collective_with_an_error_not_a_hang() {
     let e = pg.all_reduce_sum(&mut t).unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
     assert!(e.contains("rank 0 of group test (2 ranks): all-reduce failed"), "{e}");
+    let who = format!("rank 1 on {} (pid {}) stopped answering", hostname(), children[0].id());
+    assert!(e.contains(&who), "{who} missing from: {e}");
     for c in children {
         let _ = c.wait_with_output();
     }
+}
+
+#[test]
+fn a_rank_that_hangs_is_named_once_the_timeout_has_passed() {
+    let test = "a_rank_that_hangs_is_named_once_the_timeout_has_passed";
+    let (rank, port) = role();
+    let port = port.unwrap_or_else(free_port);
+    let mut children = if rank == 0 { start_ranks(test, 2, port, &[]) } else { vec![] };
+    let (_store, pg) = group_with_roster(rank, 2, port, Duration::from_secs(3));
+    let mut t = Tensor::from_slice(&[1.0f32]);
+    pg.all_reduce_sum(&mut t).unwrap();
+    if rank == 1 {
+        // Frozen whole (heartbeat included), as a process stuck in a driver call or swapped out.
+        // SAFETY: raising a signal on this process.
+        unsafe { libc::raise(libc::SIGSTOP) };
+        return;
+    }
+    let start = Instant::now();
+    let e = pg.all_reduce_sum(&mut t).unwrap_err();
+    let took = start.elapsed();
+    let who = format!("rank 1 on {} (pid {}) stopped answering", hostname(), children[0].id());
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // The 3 s timeout, then the roster's 2.5 s look at the heartbeats.
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(20), "took {took:?}");
+    assert!(e.contains(&who), "{who} missing from: {e}");
 }
 
 #[test]

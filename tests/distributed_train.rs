@@ -143,3 +143,40 @@ fn a_rank_that_dies_ends_the_run_naming_it_and_the_run_resumes_on_one_process() 
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert_eq!(log_losses(&run).iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 2]);
 }
+
+/// Ranks started by another launcher (torchrun, Slurm) have no parent that names a dead
+/// rank: the survivor's own error must, with its host and pid.
+#[test]
+fn under_an_outside_launcher_the_surviving_rank_names_the_dead_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sh = common::tiny_shards(tmp.path());
+    let run = tmp.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let start = Instant::now();
+    let mut ranks: Vec<std::process::Child> = (0..2)
+        .map(|rank| {
+            let mut c = common::cps3d();
+            c.args(["train", sh.to_str().unwrap(), "-o", run.to_str().unwrap(), "--epochs", "3"])
+                .args(["--iterations", "3", "--devices", "cpu,cpu", "--val-iterations", "1", "--threads", "1"])
+                .args(["--no-final-validation", "--timeout", "30"])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                // Rank 1 dies (as by kill -9) in epoch 1, step 1.
+                .env("FAILPOINTS", "trainer-step=return(0:1:1:abort:1)")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    let dead = ranks.pop().unwrap();
+    let dead_pid = dead.id();
+    let survivor = ranks.pop().unwrap().wait_with_output().unwrap();
+    let _ = dead.wait_with_output();
+    let text = stderr(&survivor);
+    assert!(!survivor.status.success(), "{text}");
+    assert!(start.elapsed() < Duration::from_secs(60), "took {:?}", start.elapsed());
+    let who = format!("rank 1 on {} (pid {dead_pid}) stopped answering", cps3d::distributed::roster::hostname());
+    assert!(text.contains(&who), "{who} missing from:\n{text}");
+}

@@ -212,11 +212,25 @@ pub(crate) fn positive_f64(s: &str) -> Result<f64, String> {
 
 /// Starts the `/metrics` server when an address is given and says where it listens.
 pub(crate) fn start_metrics(addr: Option<&str>) -> anyhow::Result<()> {
+    start_rank_metrics(addr, None)
+}
+
+/// [`start_metrics`] for one rank of a multi-process run: local rank l listens on the
+/// given port + l (port 0: any free port) and labels its series `rank`.
+pub(crate) fn start_rank_metrics(
+    addr: Option<&str>,
+    rank: Option<&cps3d::distributed::launch::Launch>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
-    if let Some(addr) = addr {
-        let bound = cps3d::metrics::serve(addr).with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
-        eprintln!("metrics: http://{bound}/metrics");
-    }
+    let Some(addr) = addr else { return Ok(()) };
+    let addr = match rank {
+        Some(l) => cps3d::distributed::launch::rank_port(addr, l.local_rank)
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?,
+        None => addr.to_string(),
+    };
+    let bound = cps3d::metrics::serve(&addr, rank.map(|l| l.rank))
+        .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+    eprintln!("metrics: http://{bound}/metrics");
     Ok(())
 }
 

@@ -89,7 +89,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = cps3d::training::options::default_recompute_stages())]
     recompute_stages: usize,
     /// Serve live metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9184; port 0
-    /// picks a free one; the address is printed on stderr). Off unless given.
+    /// picks a free one; the address is printed on stderr). Off unless given. With several
+    /// ranks each serves on the port + its local rank, every series labelled `rank`.
     #[arg(long)]
     metrics_addr: Option<String>,
     /// Cores the data path may use. Given, loader and augmenter counts are tuned while
@@ -122,10 +123,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         return super::ranks::run_local_ranks(n, a.threads.is_none());
     }
-    // One endpoint per run, rank 0's (the others' series are the same steps).
-    if launch.as_ref().is_none_or(|l| l.rank == 0) {
-        super::start_metrics(a.metrics_addr.as_deref())?;
-    }
+    // Every rank serves its own series, labelled with its rank, on the port + its local rank.
+    super::start_rank_metrics(a.metrics_addr.as_deref(), launch.as_ref())?;
 
     let (opts, start) = match &a.resume {
         Some(dir) => {

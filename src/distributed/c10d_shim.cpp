@@ -1,14 +1,19 @@
 // The few c10d calls cps3d needs, as C functions for Rust: a TCPStore rendezvous, a Gloo
-// process group, and all-reduce (sum), all-gather, broadcast and barrier, each waited on
-// with a timeout. Tensors are tch's (`at::Tensor*`). Errors never cross into Rust as
+// process group (CPU tensors), an NCCL one (CUDA tensors; only when build.rs finds
+// libtorch_cuda.so and nccl.h, which defines USE_C10D_NCCL), and all-reduce (sum),
+// all-gather, broadcast and barrier, each waited on with a timeout. Tensors are tch's (`at::Tensor*`). Errors never cross into Rust as
 // exceptions: they are written into `err` and the call returns non-zero (or null).
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -80,6 +85,30 @@ cps3d_store* cps3d_store_tcp(const char* host, int port, int rank, int world, in
 
 void cps3d_store_free(cps3d_store* s) { delete s; }
 
+// The counter `key` plus `by` (by 0 reads it without waiting); the new value in `out`.
+int cps3d_store_add(cps3d_store* s, const char* key, int64_t by, int64_t* out, char* err, size_t n) {
+  return guarded(err, n, [&] { *out = s->store->add(std::string(key), by); });
+}
+
+int cps3d_store_set(cps3d_store* s, const char* key, const char* value, char* err, size_t n) {
+  return guarded(err, n, [&] {
+    std::string v(value);
+    s->store->set(std::string(key), std::vector<uint8_t>(v.begin(), v.end()));
+  });
+}
+
+// The value of `key` into `value` (NUL-terminated, cut to `len`); 1 in `found` when the key
+// exists, without waiting for it otherwise.
+int cps3d_store_get(cps3d_store* s, const char* key, char* value, size_t len, int* found, char* err, size_t n) {
+  return guarded(err, n, [&] {
+    *found = 0;
+    if (!s->store->check({std::string(key)})) return;
+    auto v = s->store->get(std::string(key));
+    put_error(value, len, std::string(v.begin(), v.end()));
+    *found = 1;
+  });
+}
+
 // A Gloo group on the store under its own prefix (one store serves several groups:
 // one per sibling network), its connections made to `host`.
 cps3d_pg* cps3d_pg_gloo(cps3d_store* s, const char* prefix, const char* host, int rank, int world,
@@ -90,6 +119,36 @@ cps3d_pg* cps3d_pg_gloo(cps3d_store* s, const char* prefix, const char* host, in
     auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
     pg = new cps3d_pg{c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options)};
+  });
+  return pg;
+}
+
+// Whether this build has NCCL process groups.
+int cps3d_has_nccl() {
+#ifdef USE_C10D_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// An NCCL group on the store under its own prefix. Its collectives run on NCCL's stream,
+// ordered after the work already queued on the tensors' current stream (tch's), and the
+// timed wait below blocks the host until they are done or the timeout has passed (an
+// error, not the watchdog's abort of the process).
+cps3d_pg* cps3d_pg_nccl(cps3d_store* s, const char* prefix, int rank, int world, int64_t timeout_ms, char* err,
+                        size_t n) {
+  cps3d_pg* pg = nullptr;
+  guarded(err, n, [&] {
+#ifdef USE_C10D_NCCL
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store);
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = std::chrono::milliseconds(timeout_ms);
+    pg = new cps3d_pg{c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options)};
+#else
+    (void)s, (void)prefix, (void)rank, (void)world, (void)timeout_ms;
+    throw std::runtime_error("this cps3d was built without NCCL (no libtorch_cuda.so or nccl.h at build time)");
+#endif
   });
   return pg;
 }

@@ -94,6 +94,54 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// The GPUs of this rank. `--devices` names one rank's GPUs (`cuda:0,cuda:1`: a pair;
+    /// `cuda:0`: both siblings on one); with `visible` GPUs on the node and `bound` (the
+    /// launcher gave each rank its own, CUDA_VISIBLE_DEVICES set), local rank l takes the
+    /// l-th such set when the node has one for every local rank, as torchrun's
+    /// `cuda:LOCAL_RANK` does for one GPU per rank. CPU devices stay as they are.
+    pub fn rank_devices(
+        &self,
+        devices: &[tch::Device],
+        visible: usize,
+        bound: bool,
+    ) -> Result<Vec<tch::Device>, String> {
+        let per_rank =
+            devices.iter().filter_map(|d| if let tch::Device::Cuda(i) = d { Some(i + 1) } else { None }).max();
+        let Some(per_rank) = per_rank else { return Ok(devices.to_vec()) };
+        let offset = if visible >= per_rank * self.local_world_size {
+            per_rank * self.local_rank
+        } else if bound && visible >= per_rank {
+            0
+        } else {
+            return Err(format!(
+                "{} local ranks with {per_rank} GPU(s) each need {} GPUs on this node, it shows {visible}: start \
+                 fewer ranks per node, name fewer GPUs per rank (--devices cuda:0 puts both siblings on one), or \
+                 give each rank its own GPUs with CUDA_VISIBLE_DEVICES (Slurm: --gpus-per-task)",
+                self.local_world_size,
+                per_rank * self.local_world_size
+            ));
+        };
+        Ok(devices
+            .iter()
+            .map(|d| if let tch::Device::Cuda(i) = d { tch::Device::Cuda(i + offset) } else { *d })
+            .collect())
+    }
+}
+
+/// `host:port` moved to port + `local_rank`, so that the ranks of one node each listen on
+/// their own port (port 0 stays 0: any free port).
+pub fn rank_port(addr: &str, local_rank: usize) -> Result<String, String> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| "expected HOST:PORT".to_string())?;
+    let port: u16 = port.parse().map_err(|_| format!("{port:?} is not a port"))?;
+    if port == 0 {
+        return Ok(addr.to_string());
+    }
+    let moved = port as usize + local_rank;
+    let moved = u16::try_from(moved).map_err(|_| format!("port {port} + local rank {local_rank} is past 65535"))?;
+    Ok(format!("{host}:{moved}"))
+}
+
 fn leading_number(s: &str) -> Option<usize> {
     let digits: String = s.trim().chars().take_while(|c| c.is_ascii_digit()).collect();
     digits.parse().ok()
@@ -199,5 +247,41 @@ mod tests {
         for bad in ["", "[1-2]", "x[]"] {
             assert!(first_host(bad).is_err(), "{bad}");
         }
+    }
+
+    fn local(rank: usize, of: usize) -> Launch {
+        Launch::from_env(env(&[
+            ("RANK", &rank.to_string()),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", &rank.to_string()),
+            ("LOCAL_WORLD_SIZE", &of.to_string()),
+        ]))
+        .unwrap()
+        .unwrap()
+    }
+
+    #[test]
+    fn each_local_rank_listens_on_its_own_metrics_port() {
+        assert_eq!(rank_port("0.0.0.0:9100", 3).unwrap(), "0.0.0.0:9103");
+        assert_eq!(rank_port("[::1]:9100", 1).unwrap(), "[::1]:9101");
+        assert_eq!(rank_port("127.0.0.1:0", 5).unwrap(), "127.0.0.1:0");
+        assert!(rank_port("127.0.0.1:65535", 1).unwrap_err().contains("past 65535"));
+        assert!(rank_port("localhost", 1).is_err());
+    }
+
+    #[test]
+    fn each_local_rank_takes_its_own_gpus() {
+        use tch::Device::{Cpu, Cuda};
+        let pair = [Cuda(0), Cuda(1)];
+        // 8 GPUs, 4 ranks per node, a sibling pair each: rank 3 on GPUs 6 and 7.
+        assert_eq!(local(3, 4).rank_devices(&pair, 8, false).unwrap(), vec![Cuda(6), Cuda(7)]);
+        // Both siblings on one GPU: 8 ranks on 8 GPUs.
+        assert_eq!(local(5, 8).rank_devices(&[Cuda(0)], 8, false).unwrap(), vec![Cuda(5)]);
+        // Slurm --gpus-per-task=2: each rank sees its own two as cuda:0 and cuda:1.
+        assert_eq!(local(3, 4).rank_devices(&pair, 2, true).unwrap(), vec![Cuda(0), Cuda(1)]);
+        // Four ranks cannot share two unbound GPUs: refused with the numbers.
+        let e = local(3, 4).rank_devices(&pair, 2, false).unwrap_err();
+        assert!(e.contains("need 8 GPUs on this node, it shows 2"), "{e}");
+        assert_eq!(local(1, 2).rank_devices(&[Cpu, Cpu], 0, false).unwrap(), vec![Cpu, Cpu]);
     }
 }

@@ -1,17 +1,57 @@
 //! Data parallelism across processes on PyTorch's own distributed engine, c10d: a
-//! `TCPStore` rendezvous and Gloo process groups (CPU tensors), bound through the small
-//! C++ shim `c10d_shim.cpp` that `build.rs` compiles against libtorch's headers. No
-//! networking of our own: every byte between ranks goes through c10d.
+//! `TCPStore` rendezvous, Gloo process groups (CPU tensors) and NCCL ones (CUDA tensors,
+//! in builds against a CUDA libtorch), bound through the small C++ shim `c10d_shim.cpp`
+//! that `build.rs` compiles against libtorch's headers. No networking of our own: every
+//! byte between ranks goes through c10d.
 //!
 //! Every collective waits at most the group's timeout and returns an error instead of
-//! hanging when a peer is gone (Gloo reports the broken connection at once).
+//! hanging when a peer is gone (Gloo reports a broken connection at once).
 
 pub mod launch;
+pub mod roster;
 
 use std::ffi::{c_char, CString};
 use std::time::Duration;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// Whether this build can make NCCL groups (built against a CUDA libtorch with nccl.h).
+pub fn has_nccl() -> bool {
+    // SAFETY: a constant query.
+    unsafe { cps3d_has_nccl() != 0 }
+}
+
+/// The c10d backend for a sibling's group: NCCL for CUDA devices when this build has it,
+/// Gloo otherwise (CUDA tensors then travel through host buffers). `CPS3D_DIST_BACKEND=gloo`
+/// forces Gloo (two ranks on one GPU, which NCCL refuses; or to rule NCCL out in a hang).
+pub fn backend_for(device: Device) -> Result<Backend, String> {
+    let forced = std::env::var("CPS3D_DIST_BACKEND").ok().filter(|v| !v.is_empty());
+    choose_backend(device, forced.as_deref(), has_nccl())
+}
+
+fn choose_backend(device: Device, forced: Option<&str>, nccl_built: bool) -> Result<Backend, String> {
+    let cuda = matches!(device, Device::Cuda(_));
+    match forced {
+        None if cuda && nccl_built => Ok(Backend::Nccl),
+        None | Some("gloo") => Ok(Backend::Gloo),
+        Some("nccl") if !cuda => {
+            Err(format!("CPS3D_DIST_BACKEND=nccl: NCCL reduces CUDA tensors; this sibling trains on {device:?}"))
+        }
+        Some("nccl") if !nccl_built => Err("CPS3D_DIST_BACKEND=nccl: this cps3d was built without NCCL (its \
+                                            libtorch has no libtorch_cuda.so, or nccl.h was not found: see \
+                                            scripts/setup-libtorch.sh --gpu)"
+            .to_string()),
+        Some("nccl") => Ok(Backend::Nccl),
+        Some(other) => Err(format!("CPS3D_DIST_BACKEND={other}: expected gloo or nccl")),
+    }
+}
+
+/// Which c10d backend a group runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    Nccl,
+}
 
 #[repr(C)]
 struct RawGroup {
@@ -37,10 +77,32 @@ extern "C" {
         n: usize,
     ) -> *mut RawStore;
     fn cps3d_store_free(s: *mut RawStore);
+    fn cps3d_store_add(s: *mut RawStore, key: *const c_char, by: i64, out: *mut i64, err: *mut c_char, n: usize)
+        -> i32;
+    fn cps3d_store_set(s: *mut RawStore, key: *const c_char, value: *const c_char, err: *mut c_char, n: usize) -> i32;
+    fn cps3d_store_get(
+        s: *mut RawStore,
+        key: *const c_char,
+        value: *mut c_char,
+        len: usize,
+        found: *mut i32,
+        err: *mut c_char,
+        n: usize,
+    ) -> i32;
     fn cps3d_pg_gloo(
         store: *mut RawStore,
         prefix: *const c_char,
         host: *const c_char,
+        rank: i32,
+        world: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> *mut RawGroup;
+    fn cps3d_has_nccl() -> i32;
+    fn cps3d_pg_nccl(
+        store: *mut RawStore,
+        prefix: *const c_char,
         rank: i32,
         world: i32,
         timeout_ms: i64,
@@ -141,6 +203,72 @@ impl Store {
     }
 }
 
+impl Store {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Adds `by` to the counter `key` (0 reads it) and returns its new value.
+    pub fn add(&self, key: &str, by: i64) -> Result<i64, String> {
+        let c_key = c_string(key)?;
+        let mut out = 0i64;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: the store is live; key and out outlive the call; err has ERR_LEN bytes.
+        let code = unsafe {
+            cps3d_store_add(self.raw, c_key.as_ptr(), by, &mut out, err.as_mut_ptr() as *mut c_char, ERR_LEN)
+        };
+        if code != 0 {
+            return Err(message(&err));
+        }
+        Ok(out)
+    }
+
+    pub fn set(&self, key: &str, value: &str) -> Result<(), String> {
+        let (c_key, c_value) = (c_string(key)?, c_string(value)?);
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: as in add.
+        let code = unsafe {
+            cps3d_store_set(self.raw, c_key.as_ptr(), c_value.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN)
+        };
+        if code != 0 {
+            return Err(message(&err));
+        }
+        Ok(())
+    }
+
+    /// The value of `key`, None when no rank has set it (without waiting for it).
+    pub fn get(&self, key: &str) -> Result<Option<String>, String> {
+        let c_key = c_string(key)?;
+        let mut value = vec![0u8; ERR_LEN];
+        let mut found = 0i32;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: as in add; value has ERR_LEN bytes.
+        let code = unsafe {
+            cps3d_store_get(
+                self.raw,
+                c_key.as_ptr(),
+                value.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+                &mut found,
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        };
+        if code != 0 {
+            return Err(message(&err));
+        }
+        Ok((found != 0).then(|| message(&value)))
+    }
+}
+
+fn c_string(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"))
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         // SAFETY: raw came from cps3d_store_tcp and is freed once (groups hold their own reference).
@@ -151,10 +279,14 @@ impl Drop for Store {
 /// One process group: this rank's handle on a set of ranks that reduce together.
 pub struct ProcessGroup {
     raw: *mut RawGroup,
+    /// Where the group's tensors live: the CPU for Gloo, the rank's GPU for NCCL.
+    device: Device,
     rank: usize,
     world: usize,
     timeout: Duration,
     name: String,
+    /// Names the rank that stopped when a collective fails.
+    roster: Option<std::sync::Arc<roster::Roster>>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -189,6 +321,40 @@ impl ProcessGroup {
                 ERR_LEN,
             )
         };
+        ProcessGroup::made(raw, &err, store, name, Device::Cpu, timeout)
+    }
+
+    /// This rank's NCCL group `name` for tensors on `device` (a CUDA device).
+    pub fn nccl(store: &Store, name: &str, device: Device, timeout: Duration) -> Result<Self, String> {
+        if !matches!(device, Device::Cuda(_)) {
+            return Err(format!("group {name}: NCCL reduces CUDA tensors, not {device:?}"));
+        }
+        let c_name = CString::new(name).map_err(|_| format!("group name {name:?} holds a NUL byte"))?;
+        let mut err = vec![0u8; ERR_LEN];
+        // SAFETY: store is live; the string outlives the call; err has ERR_LEN bytes.
+        let raw = unsafe {
+            cps3d_pg_nccl(
+                store.raw,
+                c_name.as_ptr(),
+                store.rank as i32,
+                store.world as i32,
+                millis(timeout),
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        };
+        ProcessGroup::made(raw, &err, store, name, device, timeout)
+    }
+
+    /// The group the shim made, or why it could not.
+    fn made(
+        raw: *mut RawGroup,
+        err: &[u8],
+        store: &Store,
+        name: &str,
+        device: Device,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         if raw.is_null() {
             return Err(format!(
                 "rank {} could not form group {name} ({} ranks, store at {}:{}) within {} s: {}",
@@ -197,10 +363,45 @@ impl ProcessGroup {
                 store.host,
                 store.port,
                 timeout.as_secs(),
-                message(&err)
+                message(err)
             ));
         }
-        Ok(ProcessGroup { raw, rank: store.rank, world: store.world, timeout, name: name.to_string() })
+        Ok(ProcessGroup {
+            raw,
+            device,
+            rank: store.rank,
+            world: store.world,
+            timeout,
+            name: name.to_string(),
+            roster: None,
+        })
+    }
+
+    /// The group for a sibling training on `device`, on [`backend_for`]'s backend.
+    pub fn for_device(store: &Store, name: &str, device: Device, timeout: Duration) -> Result<Self, String> {
+        match backend_for(device)? {
+            Backend::Gloo => ProcessGroup::gloo(store, name, timeout),
+            Backend::Nccl => ProcessGroup::nccl(store, name, device, timeout),
+        }
+    }
+
+    /// The group, whose failed collectives then say which rank stopped answering.
+    pub fn with_roster(mut self, roster: std::sync::Arc<roster::Roster>) -> Self {
+        self.roster = Some(roster);
+        self
+    }
+
+    /// Where this group's collectives take their tensors.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn backend(&self) -> Backend {
+        if self.device == Device::Cpu {
+            Backend::Gloo
+        } else {
+            Backend::Nccl
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -215,12 +416,31 @@ impl ProcessGroup {
         millis(self.timeout)
     }
 
+    fn check_tensor(&self, t: &Tensor, what: &str) -> Result<(), String> {
+        if t.device() != self.device {
+            return Err(format!(
+                "{what} in group {}: its tensors live on {:?}, this one on {:?}",
+                self.name,
+                self.device,
+                t.device()
+            ));
+        }
+        if !t.is_contiguous() {
+            return Err(format!("{what}: the tensor must be contiguous"));
+        }
+        Ok(())
+    }
+
     fn check(&self, what: &str, code: i32, err: &[u8]) -> Result<(), String> {
         if code == 0 {
             return Ok(());
         }
+        let who = match &self.roster {
+            Some(r) => format!("; {}", r.diagnose()),
+            None => String::new(),
+        };
         Err(format!(
-            "rank {} of group {} ({} ranks): {what} failed (a peer died, hung past {} s or lost its network): {}",
+            "rank {} of group {} ({} ranks): {what} failed (a peer died, hung past {} s or lost its network): {}{who}",
             self.rank,
             self.name,
             self.world,
@@ -229,9 +449,9 @@ impl ProcessGroup {
         ))
     }
 
-    /// Sums `t` (contiguous, on the CPU for Gloo) over the ranks, in place.
+    /// Sums `t` (contiguous, on the group's device) over the ranks, in place.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), String> {
-        contiguous_cpu(t, "all-reduce")?;
+        self.check_tensor(t, "all-reduce")?;
         let mut err = vec![0u8; ERR_LEN];
         // SAFETY: t is a live tch tensor (an at::Tensor*); err has ERR_LEN bytes.
         let code = unsafe {
@@ -249,7 +469,7 @@ impl ProcessGroup {
     /// Every rank's `t`, in rank order.
     pub fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>, String> {
         let mut input = t.contiguous();
-        contiguous_cpu(&input, "all-gather")?;
+        self.check_tensor(&input, "all-gather")?;
         let mut outputs: Vec<Tensor> = (0..self.world).map(|_| input.empty_like()).collect();
         let mut ptrs: Vec<*mut CTensor> = outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
         let mut err = vec![0u8; ERR_LEN];
@@ -271,7 +491,7 @@ impl ProcessGroup {
 
     /// Rank `root`'s `t` on every rank, in place.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), String> {
-        contiguous_cpu(t, "broadcast")?;
+        self.check_tensor(t, "broadcast")?;
         let mut err = vec![0u8; ERR_LEN];
         // SAFETY: as in all_reduce_sum.
         let code = unsafe {
@@ -307,17 +527,17 @@ impl ProcessGroup {
 
     /// Rank `root`'s values of every tensor on every rank, in place, in one broadcast.
     pub fn broadcast_many(&self, tensors: &mut [Tensor], root: usize) -> Result<(), String> {
-        let Some(mut buffer) = pack(tensors) else { return Ok(()) };
+        let Some(mut buffer) = pack(tensors, self.device) else { return Ok(()) };
         self.broadcast(&mut buffer, root)?;
         self.unpack(&buffer, tensors);
         Ok(())
     }
 
     /// Each tensor summed over the ranks and scaled by `scale`, in place, in one
-    /// all-reduce: the tensors (gradients, say) are packed into one CPU buffer, as DDP's
-    /// buckets are.
+    /// all-reduce: the tensors (gradients, say) are packed into one buffer on the group's
+    /// device, as DDP's buckets are.
     fn all_reduce_packed(&self, tensors: &mut [Tensor], scale: f64) -> Result<(), String> {
-        let Some(mut buffer) = pack(tensors) else { return Ok(()) };
+        let Some(mut buffer) = pack(tensors, self.device) else { return Ok(()) };
         self.all_reduce_sum(&mut buffer)?;
         if scale != 1.0 {
             let _ = buffer.g_mul_scalar_(scale);
@@ -338,30 +558,44 @@ impl ProcessGroup {
     }
 }
 
-/// The tensors flattened into one float64 CPU buffer (None when there are none). float64:
-/// a sum of the ranks' float32 parts is then rounded once, as one process's would be.
-fn pack(tensors: &[Tensor]) -> Option<Tensor> {
+/// The tensors flattened into one float64 buffer on `device` (None when there are none).
+/// float64: a sum of the ranks' float32 parts is then rounded once, as one process's would be.
+fn pack(tensors: &[Tensor], device: Device) -> Option<Tensor> {
     if tensors.is_empty() {
         return None;
     }
     let flat: Vec<Tensor> =
-        tensors.iter().map(|t| t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Double).reshape([-1])).collect();
+        tensors.iter().map(|t| t.detach().to_device(device).to_kind(Kind::Double).reshape([-1])).collect();
     Some(Tensor::cat(&flat, 0))
-}
-
-fn contiguous_cpu(t: &Tensor, what: &str) -> Result<(), String> {
-    if t.device() != tch::Device::Cpu {
-        return Err(format!("{what}: Gloo reduces CPU tensors, this one is on {:?}", t.device()));
-    }
-    if !t.is_contiguous() {
-        return Err(format!("{what}: the tensor must be contiguous"));
-    }
-    Ok(())
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: raw came from cps3d_pg_gloo and is freed once.
+        // SAFETY: raw came from cps3d_pg_gloo or cps3d_pg_nccl and is freed once.
         unsafe { cps3d_pg_free(self.raw) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nccl_for_cuda_when_built_with_it_gloo_otherwise() {
+        let gpu = Device::Cuda(1);
+        assert_eq!(choose_backend(gpu, None, true), Ok(Backend::Nccl));
+        assert_eq!(choose_backend(gpu, None, false), Ok(Backend::Gloo));
+        assert_eq!(choose_backend(Device::Cpu, None, true), Ok(Backend::Gloo));
+        assert_eq!(choose_backend(gpu, Some("gloo"), true), Ok(Backend::Gloo));
+        assert!(choose_backend(gpu, Some("nccl"), false).unwrap_err().contains("built without NCCL"));
+        assert!(choose_backend(Device::Cpu, Some("nccl"), true).unwrap_err().contains("CUDA tensors"));
+        assert!(choose_backend(gpu, Some("mpi"), true).unwrap_err().contains("expected gloo or nccl"));
+        // This CPU build: no NCCL, and asking for an NCCL group says so instead of crashing.
+        if !has_nccl() {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let store = Store::tcp("127.0.0.1", port, 0, 1, Duration::from_secs(5)).unwrap();
+            let e = ProcessGroup::nccl(&store, "g", gpu, Duration::from_secs(5)).unwrap_err();
+            assert!(e.contains("built without NCCL"), "{e}");
+        }
     }
 }

@@ -19,13 +19,20 @@ pub trait GlobalSum {
     fn global_sum(&self, local: &Tensor) -> Tensor;
 }
 
+/// A collective that failed inside a loss (which returns tensors, not results): unwound
+/// to the trainer, which reports it as the collective's fault.
+pub struct CollectiveFailure(pub String);
+
 /// The global sum, `local + (Σ_ranks local − local)` with the bracket detached.
 impl GlobalSum for crate::distributed::ProcessGroup {
     fn global_sum(&self, local: &Tensor) -> Tensor {
         let mine = local.detach();
-        let mut all = mine.to_device(tch::Device::Cpu).to_kind(Kind::Double).contiguous();
-        // A failed collective ends the step as any trainer fault does, with its cause.
-        self.all_reduce_sum(&mut all).unwrap_or_else(|e| panic!("{e}"));
+        let mut all = mine.to_device(self.device()).to_kind(Kind::Double).contiguous();
+        // A failed collective ends the step as a trainer fault with its cause (unwound
+        // without the panic hook's noise; the trainer turns it into Fault::Collective).
+        if let Err(e) = self.all_reduce_sum(&mut all) {
+            std::panic::resume_unwind(Box::new(CollectiveFailure(e)));
+        }
         local + (all.to_device(local.device()).to_kind(local.kind()) - mine)
     }
 }

@@ -247,7 +247,13 @@ pub fn train_on_ranks(
     let per_rank = (labeled / global.world, unlabeled / global.world);
     tracing::info!("fold {}: {} training and {} validation case(s)", opts.fold, train_ids.len(), val_ids.len());
 
-    let devices = opts.trainer_devices()?;
+    let mut devices = opts.trainer_devices()?;
+    if let Some(l) = launch {
+        let bound = std::env::var_os("CUDA_VISIBLE_DEVICES").is_some();
+        devices = l
+            .rank_devices(&devices, tch::Cuda::device_count().max(0) as usize, bound)
+            .map_err(|e| Error::invalid("--devices", e))?;
+    }
     // The batches' host memory, before any network is built (a huge --patch grew until killed).
     let knobs = data_knobs(opts, patch, devices.len(), global, per_rank);
     let cfg = datapath_config(&opts.shards, &knobs)?;
@@ -270,19 +276,34 @@ pub fn train_on_ranks(
                 .map_err(fail)?;
             // A restarted set of workers (torchrun) must not meet the last one's keys.
             let group = |i: usize| format!("cps3d/{}/sibling{i}", l.restart);
+            let roster = crate::distributed::roster::Roster::join(
+                addr,
+                port,
+                l.rank,
+                l.world_size,
+                &format!("cps3d/{}", l.restart),
+            )
+            .map_err(fail)?;
             let groups = (0..devices.len())
-                .map(|i| crate::distributed::ProcessGroup::gloo(&store, &group(i), timeout).map(Arc::new))
+                .map(|i| {
+                    crate::distributed::ProcessGroup::for_device(&store, &group(i), devices[i], timeout)
+                        .map(|g| Arc::new(g.with_roster(roster.clone())))
+                })
                 .collect::<std::result::Result<Vec<_>, String>>()
                 .map_err(fail)?;
+            let on: Vec<String> = groups.iter().map(|g| format!("{:?} on {:?}", g.backend(), g.device())).collect();
             tracing::info!(
-                "rank {} of {} ({}, store at {}:{}): training its share of every batch, {} + {}",
+                "rank {} of {} ({}, store at {}:{}): training its share of every batch, {} + {}, siblings on {:?}, \
+                 reducing over {}",
                 l.rank,
                 l.world_size,
                 l.launcher,
                 l.master_addr,
                 l.master_port,
                 per_rank.0,
-                per_rank.1
+                per_rank.1,
+                devices,
+                on.join(", ")
             );
             (Some(store), groups)
         }

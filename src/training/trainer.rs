@@ -369,6 +369,9 @@ impl TrainerState {
         match r {
             Ok(r) => r,
             Err(p) => {
+                if let Some(super::loss::CollectiveFailure(e)) = p.downcast_ref::<super::loss::CollectiveFailure>() {
+                    return Err(self.error(at, Fault::Collective(e.clone())));
+                }
                 let message = cps3d_actors::pool::panic_message(p.as_ref());
                 // libtorch reports allocation failures as errors that tch turns into panics.
                 let fault = if message.to_lowercase().contains("out of memory") {
@@ -687,9 +690,9 @@ impl TrainerState {
             // Ranks validate their slices of the same batches: the counts of all of them.
             if let Some(pg) = &self.setup.ranks {
                 let flat: Vec<i64> = counts.iter().flatten().map(|&c| c as i64).collect();
-                let mut t = Tensor::from_slice(&flat);
+                let mut t = Tensor::from_slice(&flat).to_device(pg.device());
                 pg.all_reduce_sum(&mut t).map_err(|e| self.error(None, Fault::Collective(e)))?;
-                let summed = Vec::<i64>::try_from(&t).unwrap_or_default();
+                let summed = Vec::<i64>::try_from(&t.to_device(Device::Cpu)).unwrap_or_default();
                 for (c, v) in counts.iter_mut().flatten().zip(summed) {
                     *c = v as u64;
                 }
