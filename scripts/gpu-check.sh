@@ -3,8 +3,9 @@
 # makes a small synthetic dataset, plans the paper's 3D network (patch 112×160×128, 14
 # classes, 30,795,654 parameters), runs STEPS CPS steps (5 epochs) with both siblings on the
 # GPU(s) under fp16 autocast, printing step time, data-wait share, the loss per epoch and
-# peak GPU memory; then predicts one 512×512×100 scan with forced spacing (FLARE22 ranks
-# time and GPU memory), printing seconds and peak GPU memory. Fits in ~8 minutes.
+# peak GPU memory; then 10 steps on 2 ranks (train --nproc-per-node 2: NCCL with two GPUs,
+# Gloo when both ranks share one); then predicts one 512×512×100 scan with forced spacing
+# (FLARE22 ranks time and GPU memory), printing seconds and peak GPU memory. Fits in ~9 minutes.
 #
 #   scripts/gpu-check.sh [STEPS]        (default 50)
 #
@@ -51,6 +52,22 @@ for e in log:
     print(f"epoch {e['epoch']}: step {e['step_seconds']:.3f} s, data wait {100 * e['data_wait']:.1f}%, loss {[round(v, 3) for v in e['loss']]}, phases {e.get('phases')}")
 PY
 echo "training: peak GPU memory (MiB, nvidia-smi, whole device; both siblings share cuda:0 on one GPU): $(peak_mib gpu-mem.csv)"
+# Data-parallel: 2 ranks, each with half of the batch and both siblings on one GPU. NCCL
+# needs a GPU per rank; on a one-GPU machine both ranks share it and reduce with Gloo.
+if [[ "$(nvidia-smi -L | wc -l)" -ge 2 ]]; then
+  rank_env=(env)
+  echo "2 ranks: NCCL, rank r on cuda:r"
+else
+  rank_env=(env CUDA_VISIBLE_DEVICES=0 CPS3D_DIST_BACKEND=gloo)
+  echo "2 ranks: one GPU here, both ranks on cuda:0, Gloo through host memory (NCCL refuses two ranks on one GPU)"
+fi
+"${rank_env[@]}" "$bin" train shards -o run-ranks --epochs 2 --iterations 5 --devices cuda:0 --nproc-per-node 2 --loaders 2 --augmenters 2 --fold all --val-iterations 2 --no-final-validation
+python3 - <<'PY'
+import json
+for l in open("run-ranks/log.jsonl"):
+    e = json.loads(l)
+    print(f"2 ranks, epoch {e['epoch']}: step {e['step_seconds']:.3f} s, data wait {100 * e['data_wait']:.1f}%, loss {[round(v, 3) for v in e['loss']]}")
+PY
 # One 512×512×100 CT-like scan at 0.8×0.8×2.5 mm, predicted with the paper's forced spacing.
 "$bin" synth scan --labeled 1 --unlabeled 0 --shape 100,512,512 --spacing-xy 0.8,0.8 --spacing-z 2.5,2.5 -q
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 100 > gpu-mem-predict.csv &
