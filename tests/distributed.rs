@@ -17,7 +17,11 @@ fn free_port() -> u16 {
 
 /// Starts rank 1.. of `test` as child processes; this process is rank 0.
 fn start_ranks(test: &str, world: usize, port: u16, extra: &[(&str, &str)]) -> Vec<Child> {
-    (1..world)
+    spawn_ranks(test, 1..world, port, extra)
+}
+
+fn spawn_ranks(test: &str, ranks: std::ops::Range<usize>, port: u16, extra: &[(&str, &str)]) -> Vec<Child> {
+    ranks
         .map(|rank| {
             let mut c = Command::new(std::env::current_exe().unwrap());
             c.args([test, "--exact", "--nocapture", "--test-threads", "1"])
@@ -210,4 +214,26 @@ fn losses_over_ranks_are_the_global_batch_loss_with_each_ranks_exact_gradient() 
     }
     pg.barrier().unwrap();
     finish(children);
+}
+
+/// torchrun with `TORCHELASTIC_USE_AGENT_STORE=True`: its agent serves the store and every
+/// rank, rank 0 included, is a client. Here this test process plays the agent.
+#[test]
+fn ranks_meet_on_a_store_their_launcher_serves() {
+    let test = "ranks_meet_on_a_store_their_launcher_serves";
+    let world = 2;
+    if let (rank, Some(port)) = role() {
+        let store = Store::connect("127.0.0.1", port, rank, world, true, Duration::from_secs(20)).unwrap();
+        let pg = ProcessGroup::gloo(&store, "agent", Duration::from_secs(20)).unwrap();
+        let mut t = Tensor::from_slice(&[rank as f32 + 1.0]);
+        pg.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(t.double_value(&[0]), 3.0);
+        return;
+    }
+    let port = free_port();
+    // The agent's store: served here, this process its only registered worker.
+    let agent = Store::tcp("127.0.0.1", port, 0, 1, Duration::from_secs(20)).unwrap();
+    let children = spawn_ranks(test, 0..world, port, &[]);
+    finish(children);
+    drop(agent);
 }
