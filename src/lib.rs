@@ -6,6 +6,7 @@
 
 pub mod dataset;
 pub mod distributed;
+pub mod drawing;
 pub mod error;
 pub mod evaluation;
 pub mod inference;

@@ -74,15 +74,16 @@ impl TrainerMetrics {
         self.lambda.set(lambda);
     }
 
-    /// A finished epoch's losses and pseudo-Dice, per sibling.
-    pub fn record_epoch(&self, log: &crate::training::checkpoint::EpochLog) {
-        for (i, ((total, sup), cps)) in log.loss.iter().zip(&log.sup_loss).zip(&log.cps_loss).enumerate() {
-            for (term, v) in [("total", total), ("supervised", sup), ("cps", cps)] {
+    /// A finished epoch, per sibling: its mean losses (total, supervised, cps) and its
+    /// pseudo-Dice per organ (NaN where absent).
+    pub fn record_epoch(&self, losses: &[[f64; 3]], pseudo_dice: &[Vec<f64>]) {
+        for (i, values) in losses.iter().enumerate() {
+            for (term, v) in ["total", "supervised", "cps"].iter().zip(values) {
                 self.loss.get_or_create(&vec![("sibling", i.to_string()), ("term", term.to_string())]).set(*v);
             }
         }
-        for (i, d) in log.pseudo_dice.iter().enumerate() {
-            self.pseudo_dice.get_or_create(&sibling_labels(i)).set(crate::training::run::mean_finite(d));
+        for (i, d) in pseudo_dice.iter().enumerate() {
+            self.pseudo_dice.get_or_create(&sibling_labels(i)).set(crate::util::mean_finite(d));
         }
     }
 }

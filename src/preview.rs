@@ -12,26 +12,9 @@ use ndarray::ArrayView3;
 use plotters::prelude::*;
 
 use crate::dataset::labels::FLARE22_ORGANS;
+use crate::drawing::ORGAN_COLOURS;
 use crate::error::{Error, Result};
 use crate::io::nifti::{read_image, read_labels};
-
-/// Colours of labels 1–13: ITK-SNAP's default label colours, in which FLARE22's annotations
-/// are usually shown.
-pub const ORGAN_COLOURS: [[u8; 3]; 13] = [
-    [255, 0, 0],
-    [0, 255, 0],
-    [0, 0, 255],
-    [255, 255, 0],
-    [0, 255, 255],
-    [255, 0, 255],
-    [255, 239, 213],
-    [0, 0, 205],
-    [205, 133, 63],
-    [210, 180, 140],
-    [102, 205, 170],
-    [0, 0, 128],
-    [0, 139, 139],
-];
 
 /// Abdominal soft-tissue window (level 40 HU, width 400 HU).
 const WINDOW_HU: (f32, f32) = (-160.0, 240.0);
@@ -229,7 +212,7 @@ pub fn render(case: &PreviewCase) -> Result<(Vec<u8>, Layout)> {
         }
     }
     let layout = Layout { width, height, panels };
-    if crate::training::progress::font_available() {
+    if crate::drawing::font_available() {
         draw_text(&mut buf, &layout, case.title, rows.len(), panels_width)
             .map_err(|e| Error::invalid(case.title, format!("drawing the preview's text: {e}")))?;
     }

@@ -272,3 +272,14 @@ mod part_tests {
         assert_eq!(Part { index: 1, count: 3 }.file(Path::new("a/fp.json")), Path::new("a/fp.json.part-1-of-3"));
     }
 }
+
+/// The mean of the finite values (0 when there are none): pseudo-Dice over organs, some
+/// of them absent (NaN) from a validation.
+pub fn mean_finite(v: &[f64]) -> f64 {
+    let f: Vec<f64> = v.iter().cloned().filter(|x| x.is_finite()).collect();
+    if f.is_empty() {
+        0.0
+    } else {
+        f.iter().sum::<f64>() / f.len() as f64
+    }
+}

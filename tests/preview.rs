@@ -5,8 +5,9 @@ mod common;
 
 use std::path::Path;
 
+use cps3d::drawing::ORGAN_COLOURS;
 use cps3d::io::nifti::read_labels;
-use cps3d::preview::{render_files, Layout, ORGAN_COLOURS};
+use cps3d::preview::{render_files, Layout};
 use cps3d::synth::{write_dataset, SynthConfig};
 
 fn decode(path: &Path) -> (u32, u32, Vec<u8>) {

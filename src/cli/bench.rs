@@ -1,3 +1,5 @@
+//! `cps3d bench` and `cps3d tune`: the data path measured, and its worker counts searched.
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

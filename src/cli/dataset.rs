@@ -1,3 +1,5 @@
+//! `cps3d dataset check`: a raw dataset's layout, geometry and labels checked before anything is run.
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};

@@ -15,8 +15,8 @@ use super::{planning::List, MinMax, Zyx};
 use cps3d::planning::fingerprint::Fingerprint;
 use cps3d::planning::plan::{PlanOverrides, Plans};
 use cps3d::training::estimate::Estimate;
+use cps3d::training::records::StepPhases;
 use cps3d::training::run::{default_devices, Progress};
-use cps3d::training::trainer::StepPhases;
 
 /// Names the demo in a failed stage's error.
 const DEMO: &str = "demo";

@@ -1,3 +1,5 @@
+//! `cps3d evaluate`: FLARE22 DSC and NSD of predictions against references.
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};

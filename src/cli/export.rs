@@ -1,3 +1,5 @@
+//! `cps3d export`: a run's networks as safetensors, or as an nnU-Net v2 results folder.
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

@@ -1,3 +1,5 @@
+//! `cps3d fingerprint` and `cps3d plan`: the dataset's statistics and nnU-Net's plans from them.
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};

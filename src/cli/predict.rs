@@ -1,3 +1,5 @@
+//! `cps3d predict`: sliding-window inference of a run's networks on NIfTI scans.
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -1,3 +1,5 @@
+//! `cps3d preprocess`: a dataset resampled, normalised and cropped into shards (also split over jobs).
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};

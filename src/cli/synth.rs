@@ -1,3 +1,5 @@
+//! `cps3d synth OUT`: writes a synthetic CT dataset of phantoms in nnU-Net layout.
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};

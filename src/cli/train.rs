@@ -1,3 +1,5 @@
+//! `cps3d train`: the command line of a CPS run (new, resumed, or one rank of several).
+
 use std::path::PathBuf;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

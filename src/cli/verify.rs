@@ -1,3 +1,5 @@
+//! `cps3d verify DIR`: checks every shard (and the manifest) of a preprocessed folder.
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

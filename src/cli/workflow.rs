@@ -16,8 +16,8 @@ use cps3d::planning::fingerprint::{fingerprint_dataset, Fingerprint};
 use cps3d::planning::plan::{plan, PlanOverrides, Plans};
 use cps3d::preprocessing::{preprocess_dataset, PreprocessOptions};
 use cps3d::synth::{write_dataset, SynthConfig};
-use cps3d::training::checkpoint::EpochLog;
 use cps3d::training::options::cpu_has_native_bf16;
+use cps3d::training::records::EpochLog;
 use cps3d::training::run::{train, Progress, Start, TrainOptions};
 
 /// Where the training data comes from and how many cases to hold out.

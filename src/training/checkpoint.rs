@@ -18,63 +18,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::options::TrainOptions;
+use super::records::{nan, EpochLog};
 use super::schedule::LrState;
 use crate::error::{Error, Result};
-
-/// JSON has no NaN (serde_json writes it as `null`): these read `null` back as NaN, so
-/// that a log line or state with an absent class's NaN pseudo-Dice can be read again.
-pub(crate) mod nan {
-    use serde::{Deserialize, Deserializer};
-
-    pub fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-    }
-
-    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
-        Ok(Vec::<Option<f64>>::deserialize(d)?.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
-    }
-
-    pub fn lists<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<f64>>, D::Error> {
-        Ok(Vec::<Vec<Option<f64>>>::deserialize(d)?
-            .into_iter()
-            .map(|v| v.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
-            .collect())
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EpochLog {
-    pub epoch: usize,
-    #[serde(deserialize_with = "nan::scalar")]
-    pub lr: f64,
-    #[serde(deserialize_with = "nan::scalar")]
-    pub lambda: f64,
-    #[serde(deserialize_with = "nan::list")]
-    pub loss: Vec<f64>,
-    #[serde(deserialize_with = "nan::list")]
-    pub sup_loss: Vec<f64>,
-    #[serde(deserialize_with = "nan::list")]
-    pub cps_loss: Vec<f64>,
-    /// Per network, per foreground class (NaN where the class is absent from validation).
-    #[serde(deserialize_with = "nan::lists")]
-    pub pseudo_dice: Vec<Vec<f64>>,
-    #[serde(deserialize_with = "nan::scalar")]
-    pub mean_pseudo_dice: f64,
-    #[serde(deserialize_with = "nan::scalar")]
-    pub ema_pseudo_dice: f64,
-    #[serde(deserialize_with = "nan::scalar")]
-    pub step_seconds: f64,
-    #[serde(deserialize_with = "nan::scalar")]
-    pub data_wait: f64,
-    #[serde(deserialize_with = "nan::scalar")]
-    pub epoch_seconds: f64,
-    /// Seconds per step by phase, averaged over the trainers (absent in older logs).
-    #[serde(default)]
-    pub phases: super::trainer::StepPhases,
-    /// Shards that failed to read in this epoch's training and validation (absent when none).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub read_failures: Vec<cps3d_actors::datapath::ReadFailure>,
-}
 
 /// Everything a resumed run needs besides the networks.
 #[derive(Debug, Clone, Serialize, Deserialize)]

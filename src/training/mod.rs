@@ -9,6 +9,7 @@ pub mod loss;
 pub mod network;
 pub mod options;
 pub mod progress;
+pub mod records;
 pub mod run;
 pub mod schedule;
 pub mod sgd;

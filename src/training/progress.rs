@@ -2,36 +2,10 @@
 //! moving average, learning rate and λ, and epoch time, redrawn every epoch.
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-use super::checkpoint::EpochLog;
-
-/// Registers a sans-serif TTF for labels once: `$CPS3D_FONT`, else common system
-/// fonts. Without one plots are drawn without text.
-pub fn font_available() -> bool {
-    static FONT: OnceLock<bool> = OnceLock::new();
-    *FONT.get_or_init(|| {
-        let candidates = [
-            std::env::var("CPS3D_FONT").unwrap_or_default(),
-            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into(),
-            "/usr/share/fonts/dejavu/DejaVuSans.ttf".into(),
-            "/usr/share/fonts/TTF/DejaVuSans.ttf".into(),
-            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf".into(),
-        ];
-        for c in candidates.iter().filter(|c| !c.is_empty()) {
-            if let Ok(bytes) = std::fs::read(c) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                    return true;
-                }
-            }
-        }
-        tracing::warn!("no TTF font found (set CPS3D_FONT): progress.png is drawn without labels");
-        false
-    })
-}
+use super::records::EpochLog;
 
 type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
 
@@ -87,7 +61,7 @@ fn panel(
 
 /// Draws the progress figure of a run's epochs.
 pub fn draw(path: &Path, logs: &[EpochLog]) -> Result<(), String> {
-    let text = font_available();
+    let text = crate::drawing::font_available();
     let root = BitMapBackend::new(path, (1200, 2000)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let areas = root.split_evenly((5, 1));
@@ -126,7 +100,7 @@ pub fn draw(path: &Path, logs: &[EpochLog]) -> Result<(), String> {
                     (e(l), if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 })
                 })
                 .collect();
-            let [r, g, b] = crate::preview::ORGAN_COLOURS[k % crate::preview::ORGAN_COLOURS.len()];
+            let [r, g, b] = crate::drawing::ORGAN_COLOURS[k % crate::drawing::ORGAN_COLOURS.len()];
             // The palette's pale entries (class 7's) would vanish on white.
             let dim = |c: u8| if r as u32 + g as u32 + b as u32 > 600 { (c as f32 * 0.6) as u8 } else { c };
             (names[k].as_str(), points, RGBColor(dim(r), dim(g), dim(b)))

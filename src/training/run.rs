@@ -15,15 +15,16 @@ use std::time::Instant;
 
 use tch::Device;
 
-pub use super::checkpoint::EpochLog;
 use super::checkpoint::{self, State};
 use super::data::{datapath_config, read_shard_folder, DataKnobs};
 use super::estimate::{Estimate, StepTimer};
+use super::records::{EpochLog, StepPhases};
 use super::schedule::{lambda_at, LrState};
 use super::supervisor::{RoundError, Trainers};
-use super::trainer::{injected, Cancel, Command, Reply, StepPhases, TrainerSetup};
+use super::trainer::{injected, Cancel, Command, Reply, TrainerSetup};
 use crate::error::{Error, Result};
 use crate::planning::plan::{LambdaSchedule, Plans};
+use crate::util::mean_finite;
 use crate::util::FolderLock;
 use cps3d_actors::datapath::autotune::{AutotuneConfig, Autotuner};
 use cps3d_actors::datapath::{DataPath, GlobalBatch, ReadFailure};
@@ -70,15 +71,6 @@ fn dice_per_class(counts: &[[u64; 3]]) -> Vec<f64> {
         .skip(1)
         .map(|&[tp, fp, fn_]| if tp + fp + fn_ == 0 { f64::NAN } else { 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64 })
         .collect()
-}
-
-pub(crate) fn mean_finite(v: &[f64]) -> f64 {
-    let f: Vec<f64> = v.iter().cloned().filter(|x| x.is_finite()).collect();
-    if f.is_empty() {
-        0.0
-    } else {
-        f.iter().sum::<f64>() / f.len() as f64
-    }
 }
 
 /// The plan a run trains: the shards' (a new run, with the run's overrides applied and
@@ -512,7 +504,9 @@ fn epochs(
             read_failures,
         };
         if let Some(m) = crate::metrics::global() {
-            m.trainer.record_epoch(&log);
+            let losses: Vec<[f64; 3]> =
+                log.loss.iter().zip(&log.sup_loss).zip(&log.cps_loss).map(|((t, s), c)| [*t, *s, *c]).collect();
+            m.trainer.record_epoch(&losses, &log.pseudo_dice);
         }
         state.epoch = epoch;
         state.log = Some(log.clone());

@@ -18,7 +18,7 @@ pub fn lambda_at(plans: &Plans, epoch: usize) -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LrState {
     pub lr: f64,
-    #[serde(deserialize_with = "super::checkpoint::nan::scalar")]
+    #[serde(deserialize_with = "super::records::nan::scalar")]
     pub plateau_best: f64,
     pub plateau_wait: usize,
 }

@@ -18,6 +18,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::loss::{deep_supervised, pseudo_labels, DiceCe, Scores, IGNORE_INDEX};
 use super::network::UNet;
+use super::records::StepPhases;
 use super::sgd::{clip_grad_norm, zero_grad, LossScaler, Sgd};
 use crate::planning::topology::NetworkSpec;
 use cps3d_actors::datapath::Batch;
@@ -138,65 +139,6 @@ pub struct EpochStats {
     pub skipped_steps: usize,
     /// Seconds per step in each phase.
     pub phases: StepPhases,
-}
-
-/// Where a step's time goes, seconds per step (host wall time: on CUDA, kernels still
-/// running are counted where the host next waits for them, e.g. at the loss read-back).
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepPhases {
-    /// Waiting for the next batch from the data path.
-    pub data: f64,
-    /// Batch to tensors, and the network's forward pass.
-    pub forward: f64,
-    /// Argmax labels sent to the sibling and the sibling's received (including waiting for it).
-    pub exchange: f64,
-    /// Supervised and CPS losses.
-    pub loss: f64,
-    /// Backward pass and gradient clipping.
-    pub backward: f64,
-    /// The SGD update, and reading the losses back.
-    pub optimizer: f64,
-}
-
-impl StepPhases {
-    pub const NAMES: [&'static str; 6] = ["data", "forward", "exchange", "loss", "backward", "optimizer"];
-
-    pub fn values(&self) -> [f64; 6] {
-        [self.data, self.forward, self.exchange, self.loss, self.backward, self.optimizer]
-    }
-
-    /// The mean over trainers.
-    pub fn mean<'a>(all: impl Iterator<Item = &'a StepPhases>) -> StepPhases {
-        let (mut sum, mut n) = ([0.0; 6], 0usize);
-        for p in all {
-            for (s, v) in sum.iter_mut().zip(p.values()) {
-                *s += v;
-            }
-            n += 1;
-        }
-        StepPhases::from(sum).scaled(1.0 / n.max(1) as f64)
-    }
-
-    /// "data 1%, forward 30%, ..." as shares of the phases' sum.
-    pub fn shares(&self) -> String {
-        let total: f64 = self.values().iter().sum::<f64>().max(1e-12);
-        Self::NAMES
-            .iter()
-            .zip(self.values())
-            .map(|(n, v)| format!("{n} {:.0}%", 100.0 * v / total))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn scaled(&self, k: f64) -> StepPhases {
-        StepPhases::from(self.values().map(|x| x * k))
-    }
-}
-
-impl From<[f64; 6]> for StepPhases {
-    fn from(v: [f64; 6]) -> StepPhases {
-        StepPhases { data: v[0], forward: v[1], exchange: v[2], loss: v[3], backward: v[4], optimizer: v[5] }
-    }
 }
 
 pub struct TrainerHandle {

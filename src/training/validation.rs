@@ -62,7 +62,7 @@ fn raw_case(shards: &Path, manifest: &Manifest, id: &str) -> Result<(Case, PathB
 pub fn run_final_validation(opts: &TrainOptions, manifest: &Manifest, val_ids: &[String]) -> Result<ValidationSummary> {
     let run = &opts.run_dir;
     let out = run.join("validation");
-    let device = super::run::parse_device(&opts.devices[0])?;
+    let device = super::options::parse_device(&opts.devices[0])?;
     let cases: Vec<(Case, PathBuf)> =
         val_ids.iter().map(|id| raw_case(&opts.shards, manifest, id)).collect::<Result<_>>()?;
     let dir = checkpoint_dir(run, "final")?;

@@ -12,6 +12,7 @@ mod format;
 mod io_stats;
 mod locations;
 mod reader;
+mod summary;
 mod verify;
 mod writer;
 
@@ -23,5 +24,6 @@ pub use locations::{
     DEFAULT_LOCATION_MIN_FRACTION, DEFAULT_LOCATION_SEED,
 };
 pub use reader::{file_kind, ReadMode, Scratch, Shard};
-pub use verify::{find_shards, verify_dir, verify_shard, ShardSummary};
+pub use summary::ShardSummary;
+pub use verify::{find_shards, verify_dir, verify_shard};
 pub use writer::{ShardInput, ShardWriter, DEFAULT_BRICK_SHAPE, DEFAULT_ZSTD_LEVEL};

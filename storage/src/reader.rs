@@ -11,7 +11,7 @@ use crate::format::{
     voxel_count, BrickEntry, Grid, Header, ImageFilter, CLASS_ENTRY_LEN, HEADER_LEN, INDEX_ENTRY_LEN, LOCATION_LEN,
 };
 use crate::locations::{ClassInfo, ClassLocations};
-use crate::verify::ShardSummary;
+use crate::summary::ShardSummary;
 
 /// Per-thread decompression state: a zstd context and a brick buffer, both reused so that
 /// steady-state reads allocate nothing. A `Scratch` can serve any number of shards.

@@ -8,43 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Result, StorageError, Stream};
 use crate::format::SHARD_EXTENSION;
 use crate::reader::{Scratch, Shard};
-
-/// Sizes and counts of one shard.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ShardSummary {
-    pub path: PathBuf,
-    pub shape: [usize; 3],
-    pub spacing: [f64; 3],
-    pub brick_shape: [usize; 3],
-    pub channels: usize,
-    pub has_labels: bool,
-    /// Bricks per channel and stream.
-    pub bricks: usize,
-    pub image_raw_bytes: u64,
-    pub image_compressed_bytes: u64,
-    pub label_raw_bytes: u64,
-    pub label_compressed_bytes: u64,
-    /// Classes present in the labels.
-    pub classes: usize,
-    /// Class locations stored, all classes together.
-    pub locations: usize,
-    pub file_len: u64,
-}
-
-impl ShardSummary {
-    /// Raw image + label bytes over the file's size.
-    pub fn compression_ratio(&self) -> f64 {
-        (self.image_raw_bytes + self.label_raw_bytes) as f64 / self.file_len as f64
-    }
-
-    pub fn image_ratio(&self) -> f64 {
-        self.image_raw_bytes as f64 / self.image_compressed_bytes.max(1) as f64
-    }
-
-    pub fn label_ratio(&self) -> f64 {
-        self.label_raw_bytes as f64 / self.label_compressed_bytes.max(1) as f64
-    }
-}
+use crate::summary::ShardSummary;
 
 /// Opens a shard and checks everything in it: header and index (as `Shard::open` does), every
 /// brick of every stream (checksum, decompression, size), and the class table against the labels

@@ -13,7 +13,7 @@ use crate::format::{voxel_count, BrickEntry, Grid, Header, ImageFilter, HEADER_L
 use crate::locations::{
     sample_class_locations, ClassSample, DEFAULT_LOCATION_CAP, DEFAULT_LOCATION_MIN_FRACTION, DEFAULT_LOCATION_SEED,
 };
-use crate::verify::ShardSummary;
+use crate::summary::ShardSummary;
 
 /// Default brick shape (z, y, x); see FORMAT.md, "Measured", for the numbers behind it.
 pub const DEFAULT_BRICK_SHAPE: [usize; 3] = [32, 32, 32];

@@ -1,3 +1,5 @@
+//! Tests of the augmentations against batchgeneratorsv2's golden values and their own rules.
+
 use super::*;
 use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;

@@ -1,3 +1,5 @@
+//! Tests of the data path: batches, keyed order, crashes and redos, autotuning.
+
 use super::*;
 use cps3d_storage::{ShardInput, ShardWriter};
 use std::path::Path;
