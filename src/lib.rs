@@ -13,6 +13,7 @@ pub mod inference;
 pub mod info;
 pub mod interop;
 pub mod io;
+pub mod memory;
 pub mod metrics;
 pub mod planning;
 pub mod preprocessing;

@@ -23,7 +23,8 @@ fn modules() -> BTreeMap<String, PathBuf> {
                     stack.push(p);
                     continue;
                 }
-                if p.extension().is_none_or(|x| x != "rs") {
+                // Out-of-line test modules (`#[cfg(test)] mod tests;`) are tests, not structure.
+                if p.extension().is_none_or(|x| x != "rs") || p.file_name().is_some_and(|f| f == "tests.rs") {
                     continue;
                 }
                 let rel = p.strip_prefix(&base).unwrap().with_extension("");
@@ -123,7 +124,12 @@ fn named_paths(code: &str) -> Vec<Vec<String>> {
             i = end;
             continue;
         }
-        if rooted && segs.len() > 1 {
+        // A glob (`use super::*;`) depends on the module it empties.
+        let glob = j + 2 < bytes.len() && bytes[j] == ':' && bytes[j + 1] == ':' && bytes[j + 2] == '*';
+        if rooted && (segs.len() > 1 || glob) {
+            if glob {
+                segs.push("*".into());
+            }
             paths.push(segs);
         }
         i = j.max(i + 1);

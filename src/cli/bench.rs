@@ -87,7 +87,7 @@ pub fn check_datapath_memory(cfg: &DataPathConfig) -> Result<()> {
         cfg.batch_queue,
         cfg.consumers
     );
-    cps3d::planning::plan::check_memory(
+    cps3d::memory::check_memory(
         cps3d::training::data::datapath_bytes(cfg),
         &what,
         "use a smaller --patch, --labeled/--unlabeled, fewer workers or shorter queues",

@@ -7,7 +7,8 @@ use clap::Args;
 
 use super::{progress, Zyx};
 use cps3d::planning::fingerprint::{fingerprint_dataset, fingerprint_part, merge_parts, Fingerprint};
-use cps3d::planning::plan::{check_preprocess_memory, plan, PlanOverrides, Plans};
+use cps3d::planning::footprint::check_preprocess_memory;
+use cps3d::planning::plan::{plan, PlanOverrides, Plans};
 use cps3d::util::Part;
 
 #[derive(Args, Debug)]

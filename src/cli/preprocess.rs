@@ -132,6 +132,6 @@ fn check_memory(a: &PreprocessArgs, plans: &Plans, cases: usize) -> Result<()> {
         .ok()
         .filter(|fp| fp.dataset_root == plans.dataset_root && fp.cases.len() == cases);
     let workers = a.workers.min(cases.max(1));
-    cps3d::planning::plan::check_preprocess_memory(plans, &a.configuration, fp.as_ref(), workers)
+    cps3d::planning::footprint::check_preprocess_memory(plans, &a.configuration, fp.as_ref(), workers)
         .map_err(|e| anyhow::anyhow!("{} (plan {}): {e}", a.dataset.display(), a.plans.display()))
 }

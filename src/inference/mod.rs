@@ -310,7 +310,7 @@ fn check_plans(plans: &Plans, path: &Path) -> Result<()> {
     conf.resampling.check().map_err(|e| Error::invalid(path, format!("{name}: {e}")))?;
     // The network's float32 weights and the file's copy of them, per network.
     let params = spec.count_parameters() as f64;
-    crate::planning::plan::check_memory(
+    crate::memory::check_memory(
         params * 8.0,
         &format!("{name}'s network ({params:.0} parameters)"),
         "check its features_per_stage",
@@ -427,7 +427,7 @@ fn check_case(model: &Model, case: &Case, opts: &PredictOptions) -> Result<()> {
     let slab = (2.0 * tile[0] as f64).min(grid[0]) * grid[1] * grid[2];
     let need = raw * (4.0 * c + 2.0) + net * 12.0 * c + slab * (k + 1.0) * 8.0;
     let flag = if opts.forced_spacing.is_some() { "a coarser --forced-spacing" } else { "a coarser plan spacing" };
-    crate::planning::plan::check_memory(
+    crate::memory::check_memory(
         need,
         &format!(
             "predicting {} ({:?} voxels at {:.3?} mm, a {:.0?} network grid at {:.3?} mm)",

@@ -2,6 +2,8 @@
 //! and the plans derived from it.
 
 pub mod fingerprint;
+pub mod footprint;
 pub mod intensity;
 pub mod plan;
+pub mod plans;
 pub mod topology;

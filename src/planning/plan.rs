@@ -1,202 +1,18 @@
-//! `cps3d plan`: nnU-Net v2's default planning heuristics for `3d_fullres` and `2d`,
-//! plus the 3D-CPS training settings, as `plans.json`.
+//! `cps3d plan`: nnU-Net v2's planning heuristics (its ExperimentPlanner) for `3d_fullres`
+//! and `2d` — target spacing, patch and network topology within the reference memory,
+//! batch size, normalisation — and the 3D-CPS settings on top, filling [`Plans`].
 
 use std::collections::BTreeMap;
-use std::path::Path;
-
-use serde::{Deserialize, Serialize};
 
 use super::fingerprint::{median, Fingerprint};
 use super::topology::{features_per_stage, pool_and_conv_props, NetworkSpec};
 use crate::error::{Error, Result};
 
-/// nnU-Net's constants (ExperimentPlanner).
-pub const ANISO_THRESHOLD: f64 = 3.0;
-const FEATUREMAP_MIN_EDGE: usize = 4;
-const REFERENCE_VAL_3D: f64 = 560_000_000.0;
-const REFERENCE_VAL_2D: f64 = 85_000_000.0;
-const REFERENCE_GB: f64 = 8.0;
-const REFERENCE_BS_3D: f64 = 2.0;
-const REFERENCE_BS_2D: f64 = 12.0;
-const MIN_BATCH: usize = 2;
-const MAX_DATASET_COVERED: f64 = 0.05;
-
-/// Intensity normalisation of one channel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Normalization {
-    /// "CT" (clip to the percentiles before resampling, then z-score with the dataset
-    /// statistics) or "zscore" (z-score with the dataset statistics, no clipping; nnU-Net
-    /// z-scores non-CT channels per case instead).
-    pub scheme: String,
-    pub mean: f64,
-    pub std: f64,
-    pub clip_low: f64,
-    pub clip_high: f64,
-    /// "all_voxels" (3D-CPS) or "foreground" (nnU-Net).
-    pub statistics: String,
-}
-
-impl Normalization {
-    /// The clipping nnU-Net's CT scheme applies before resampling (z-scoring is linear,
-    /// so it can follow later); other schemes do not clip.
-    #[inline]
-    pub fn clip(&self, v: f32) -> f32 {
-        if self.scheme == "CT" {
-            (v as f64).clamp(self.clip_low, self.clip_high) as f32
-        } else {
-            v
-        }
-    }
-
-    /// The z-score of an already clipped (and resampled) value.
-    #[inline]
-    pub fn standardize(&self, v: f32) -> f32 {
-        (v as f64 - self.mean) as f32 / self.std.max(1e-8) as f32
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConfigurationPlan {
-    /// Target spacing (z, y, x) for 3D; (y, x) for 2D.
-    pub spacing: Vec<f64>,
-    pub median_shape_after_resampling: Vec<usize>,
-    pub patch_size: Vec<usize>,
-    /// Labeled samples per step (nnU-Net's batch size).
-    pub batch_size: usize,
-    pub batch_dice: bool,
-    pub network: NetworkSpec,
-    /// Feature-map elements per sample (nnU-Net's memory proxy) and the budget it fits.
-    pub feature_map_elements: u64,
-    pub feature_map_budget: u64,
-    /// Deep-supervision output scales per axis, finest first (1 = full resolution).
-    pub deep_supervision_scales: Vec<Vec<f64>>,
-    pub resampling: Resampling,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Resampling {
-    pub image_order: u8,
-    pub label: String,
-    /// Axes whose spacing is > ANISO_THRESHOLD × the finest are resampled separately
-    /// with this order (nnU-Net: 0).
-    pub anisotropic_axis_order: u8,
-    pub anisotropy_threshold: f64,
-}
-
-impl Resampling {
-    /// Only nnU-Net's default resampling is implemented; another setting in plans.json
-    /// is refused rather than silently ignored.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        if self.image_order != 3 || self.label != "one_hot_linear" || self.anisotropic_axis_order != 0 {
-            return Err(format!(
-                "resampling {{image_order: {}, label: {:?}, anisotropic_axis_order: {}}}: only nnU-Net's default \
-                 (3: cubic B-spline images, \"one_hot_linear\" labels, 0: nearest along the separate axis) is implemented",
-                self.image_order, self.label, self.anisotropic_axis_order
-            ));
-        }
-        if self.anisotropy_threshold.is_nan() || self.anisotropy_threshold <= 1.0 {
-            return Err(format!("resampling anisotropy_threshold {} must be above 1", self.anisotropy_threshold));
-        }
-        Ok(())
-    }
-}
-
-impl Default for Resampling {
-    fn default() -> Self {
-        Resampling {
-            image_order: 3,
-            label: "one_hot_linear".into(),
-            anisotropic_axis_order: 0,
-            anisotropy_threshold: ANISO_THRESHOLD,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum LambdaSchedule {
-    /// λ rises linearly from 0 to λmax over `ramp_epochs`, then stays (the paper).
-    LinearRamp { ramp_epochs: usize },
-    /// λ = λmax from the start (the authors' code).
-    Constant,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum LrSchedule {
-    /// lr·(1 − epoch/epochs)^exponent (nnU-Net).
-    Poly { exponent: f64 },
-    /// Multiply by `factor` when the validation loss has not improved for `patience` epochs (the paper).
-    Plateau { factor: f64, patience: usize, min_lr: f64 },
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Optimizer {
-    pub kind: String,
-    pub lr: f64,
-    pub momentum: f64,
-    pub nesterov: bool,
-    pub weight_decay: f64,
-}
-
-/// How the two sibling networks are trained (paper Table 2, nnU-Net defaults).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CpsSettings {
-    pub configuration: String,
-    pub labeled_batch: usize,
-    pub unlabeled_batch: usize,
-    pub lambda_max: f64,
-    pub lambda_schedule: LambdaSchedule,
-    pub optimizer: Optimizer,
-    pub lr_schedule: LrSchedule,
-    pub epochs: usize,
-    pub iterations_per_epoch: usize,
-    pub grad_clip_norm: f64,
-    pub oversample_foreground: f64,
-    pub mixed_precision: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Plans {
-    pub dataset_name: Option<String>,
-    pub dataset_root: std::path::PathBuf,
-    pub channels: BTreeMap<usize, String>,
-    pub labels: BTreeMap<u8, String>,
-    pub num_classes: usize,
-    pub normalization: Vec<Normalization>,
-    pub original_median_spacing: [f64; 3],
-    pub original_median_shape: [f64; 3],
-    pub configurations: BTreeMap<String, ConfigurationPlan>,
-    pub cps: CpsSettings,
-    /// Training augmentation (nnU-Net's defaults; every transform switchable).
-    #[serde(default)]
-    pub augmentation: cps3d_actors::augment::AugmentConfig,
-}
-
-impl Plans {
-    pub fn read(path: &Path) -> Result<Plans> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::json(path, e))
-    }
-
-    pub fn write(&self, path: &Path) -> Result<()> {
-        crate::util::write_json_atomic(path, self)
-    }
-
-    pub fn configuration(&self, name: &str) -> Option<&ConfigurationPlan> {
-        self.configurations.get(name)
-    }
-
-    /// Labeled and unlabeled samples per batch: the CPS settings' for the configuration they
-    /// were planned with; another configuration (2D when the plan trains 3D) uses its own
-    /// nnU-Net batch size for both (the paper's 2D arm: 12 + 12).
-    pub fn batch_sizes(&self, configuration: &str) -> (usize, usize) {
-        match self.configuration(configuration) {
-            Some(c) if configuration != self.cps.configuration => (c.batch_size, c.batch_size),
-            _ => (self.cps.labeled_batch, self.cps.unlabeled_batch),
-        }
-    }
-}
+// The plan's types, where its callers have always found them.
+pub use super::plans::{
+    ConfigurationPlan, CpsSettings, LambdaSchedule, LrSchedule, Normalization, Optimizer, Plans, Resampling,
+    ANISO_THRESHOLD,
+};
 
 /// What the user may override.
 #[derive(Debug, Clone, Default)]
@@ -232,6 +48,16 @@ pub struct PlanOverrides {
     /// Unlabeled samples per step (default: as many as labeled, the paper's 2 + 2).
     pub unlabeled_batch: Option<usize>,
 }
+
+/// nnU-Net's constants (ExperimentPlanner).
+const FEATUREMAP_MIN_EDGE: usize = 4;
+const REFERENCE_VAL_3D: f64 = 560_000_000.0;
+const REFERENCE_VAL_2D: f64 = 85_000_000.0;
+const REFERENCE_GB: f64 = 8.0;
+const REFERENCE_BS_3D: f64 = 2.0;
+const REFERENCE_BS_2D: f64 = 12.0;
+const MIN_BATCH: usize = 2;
+const MAX_DATASET_COVERED: f64 = 0.05;
 
 /// Median spacing, except that a very coarse axis of a dataset with few voxels
 /// along it takes the 10th percentile (nnU-Net's anisotropy rule).
@@ -516,193 +342,13 @@ pub fn plan(fp: &Fingerprint, overrides: &PlanOverrides) -> Result<Plans> {
     })
 }
 
-/// Environment variable that replaces the memory the machine reports: bytes, or with a
-/// K, M, G, T or P suffix (powers of 1000); "off" turns the memory checks off.
-pub const MEMORY_ENV: &str = "CPS3D_MAX_MEMORY";
-
-/// Memory a command may plan to use, and where the number comes from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MemoryBudget {
-    pub bytes: f64,
-    pub source: String,
-}
-
-/// `CPS3D_MAX_MEMORY` when set, else MemAvailable of /proc/meminfo lowered to the
-/// headroom under the cgroup's memory.max; `None` when checks are off or nothing is known.
-pub fn memory_budget() -> std::result::Result<Option<MemoryBudget>, String> {
-    if let Some(v) = std::env::var_os(MEMORY_ENV) {
-        let v = v.to_string_lossy().trim().to_string();
-        if v.eq_ignore_ascii_case("off") {
-            return Ok(None);
-        }
-        let bytes = parse_bytes(&v)
-            .ok_or_else(|| format!("{MEMORY_ENV}={v:?}: expected a size such as 64G, 512M or 1000000, or off"))?;
-        return Ok(Some(MemoryBudget { bytes, source: format!("{MEMORY_ENV}={v}") }));
-    }
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
-        let kb = t.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-        kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok().map(|kb| kb * 1024.0)
-    });
-    let cgroup = cgroup_headroom();
-    Ok(match (available, cgroup) {
-        (Some(a), Some(c)) if c < a => Some(MemoryBudget { bytes: c, source: "cgroup memory.max".into() }),
-        (Some(a), _) => Some(MemoryBudget { bytes: a, source: "MemAvailable in /proc/meminfo".into() }),
-        (None, Some(c)) => Some(MemoryBudget { bytes: c, source: "cgroup memory.max".into() }),
-        (None, None) => None,
-    })
-}
-
-/// memory.max − memory.current of this process's cgroup (v2), when limited.
-fn cgroup_headroom() -> Option<f64> {
-    let rel = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string()))?;
-    let dir = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok()?.trim().parse::<f64>().ok();
-    let max = read("memory.max")?; // "max" (no limit) does not parse
-    Some((max - read("memory.current").unwrap_or(0.0)).max(0.0))
-}
-
-/// "64G", "512M", "1.5T", "1000000" → bytes.
-fn parse_bytes(s: &str) -> Option<f64> {
-    let s = s.trim_end_matches(['B', 'b']);
-    let (num, unit) = match s.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
-        _ => (s, ' '),
-    };
-    let scale = match unit {
-        ' ' => 1.0,
-        'K' => 1e3,
-        'M' => 1e6,
-        'G' => 1e9,
-        'T' => 1e12,
-        'P' => 1e15,
-        _ => return None,
-    };
-    let v: f64 = num.trim().parse().ok()?;
-    (v >= 0.0 && v.is_finite()).then_some(v * scale)
-}
-
-/// Bytes in decimal units, e.g. "24.3 GB".
-pub fn format_bytes(bytes: f64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
-    let mut v = bytes;
-    let mut u = 0;
-    while v >= 1000.0 && u < units.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{v:.0} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
-
-/// Refuses `need` bytes beyond the memory budget, with the numbers: `what` says what
-/// needs them, `hint` what to change.
-pub fn check_memory(need: f64, what: &str, hint: &str) -> std::result::Result<(), String> {
-    let Some(budget) = memory_budget()? else {
-        return Ok(());
-    };
-    if need <= budget.bytes {
-        return Ok(());
-    }
-    Err(format!(
-        "{what} needs about {} of memory, more than the {} available ({}); {hint}, or set {MEMORY_ENV} \
-         (e.g. 64G, or off) to override",
-        format_bytes(need),
-        format_bytes(budget.bytes),
-        budget.source
-    ))
-}
-
-/// Peak bytes of preprocessing one case of `raw` voxels (before cropping) resampled to
-/// `new` voxels: float32 channels and uint8 labels as read, then per channel the
-/// float32 output and about as much again in the separable resampling's intermediates,
-/// and the resampled labels (measured: 0.36 GB for 6.5 → 42 Mvoxels; this says 0.41).
-pub fn preprocess_case_bytes(channels: usize, raw: f64, new: f64) -> f64 {
-    let c = channels as f64;
-    raw * (4.0 * c + 1.0) + new * (8.0 * c + 1.0)
-}
-
-/// Refuses to preprocess with `workers` cases in memory at a time when that cannot
-/// fit: the largest cases of `fingerprint` when given, else the plan's median case.
-/// `preprocess_case` would otherwise abort the whole run allocating.
-pub fn check_preprocess_memory(
-    plans: &Plans,
-    configuration: &str,
-    fingerprint: Option<&Fingerprint>,
-    workers: usize,
-) -> std::result::Result<(), String> {
-    let conf =
-        plans.configuration(configuration).ok_or_else(|| format!("the plan has no configuration {configuration}"))?;
-    let channels = plans.channels.len().max(1);
-    let voxels = |s: &[f64]| s.iter().product::<f64>();
-    // A 2D configuration keeps each case's slice spacing.
-    let target = |case_spacing: [f64; 3]| -> Vec<f64> {
-        match conf.spacing.len() {
-            2 => vec![case_spacing[0], conf.spacing[0], conf.spacing[1]],
-            _ => conf.spacing.clone(),
-        }
-    };
-    // (bytes, description), largest first.
-    let mut cases: Vec<(f64, String)> = match fingerprint {
-        Some(fp) if !fp.cases.is_empty() => fp
-            .cases
-            .iter()
-            .map(|c| {
-                let raw: Vec<f64> = c.shape.iter().map(|&n| n as f64).collect();
-                let new: Vec<f64> = c
-                    .shape_after_crop
-                    .iter()
-                    .zip(c.spacing)
-                    .zip(target(c.spacing))
-                    .map(|((&n, s), t)| (s / t * n as f64).round().max(1.0))
-                    .collect();
-                let bytes = preprocess_case_bytes(channels, voxels(&raw), voxels(&new));
-                (bytes, format!("the largest case, {}: {:.0?} → {:.0?} voxels", c.id, raw, new))
-            })
-            .collect(),
-        _ => {
-            let raw = plans.original_median_shape.to_vec();
-            let mut new: Vec<f64> = conf.median_shape_after_resampling.iter().map(|&n| n as f64).collect();
-            if new.len() == 2 {
-                new.insert(0, raw[0]);
-            }
-            let bytes = preprocess_case_bytes(channels, voxels(&raw), voxels(&new));
-            vec![(bytes, format!("the median case: {raw:.0?} → {new:.0?} voxels"))]
-        }
-    };
-    cases.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let at_once = workers.max(1).min(match fingerprint {
-        Some(fp) if !fp.cases.is_empty() => cases.len(),
-        _ => workers.max(1),
-    });
-    let need: f64 = (0..at_once).map(|i| cases[i.min(cases.len() - 1)].0).sum();
-    let (largest, about) = &cases[0];
-    let what = format!(
-        "preprocessing {at_once} case(s) at a time at spacing {:.3?} mm ({about}, {} each)",
-        conf.spacing,
-        format_bytes(*largest)
-    );
-    let fits_one = memory_budget()?.is_none_or(|b| *largest <= b.bytes);
-    let hint = if at_once > 1 && fits_one {
-        "use fewer workers (-j) or plan a coarser --target-spacing"
-    } else {
-        "plan a coarser --target-spacing"
-    };
-    check_memory(need, &what, hint)
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::planning::fingerprint::{CaseFingerprint, ChannelIntensity};
     use crate::planning::intensity::IntensityAccumulator;
 
-    fn fingerprint(cases: &[([f64; 3], [usize; 3])]) -> Fingerprint {
+    pub(crate) fn fingerprint(cases: &[([f64; 3], [usize; 3])]) -> Fingerprint {
         let cases: Vec<CaseFingerprint> = cases
             .iter()
             .enumerate()
@@ -870,34 +516,6 @@ mod tests {
         assert!(e.contains("image_order: 1") && e.contains("B-spline"), "{e}");
         let r = Resampling { anisotropy_threshold: 0.5, ..Default::default() };
         assert!(r.check().is_err());
-    }
-
-    #[test]
-    fn memory_sizes_parse_and_print_in_decimal_units() {
-        assert_eq!(parse_bytes("64G"), Some(64e9));
-        assert_eq!(parse_bytes("1.5TB"), Some(1.5e12));
-        assert_eq!(parse_bytes("1000"), Some(1000.0));
-        assert_eq!(parse_bytes("lots"), None);
-        assert_eq!(parse_bytes("-1G"), None);
-        assert_eq!(format_bytes(1e6), "1.0 MB");
-        assert_eq!(format_bytes(8e9), "8.0 GB");
-        assert_eq!(format_bytes(512.0), "512 B");
-    }
-
-    #[test]
-    fn preprocessing_memory_follows_the_planned_median_case() {
-        let fp = fingerprint(&[([1.0; 3], [100, 200, 200]); 3]);
-        let p = plan(&fp, &PlanOverrides::default()).unwrap();
-        // 4 Mvoxels in and out: 4M·5 + 4M·9 bytes.
-        assert_eq!(preprocess_case_bytes(1, 4e6, 4e6), 56e6);
-        let fine = plan(&fp, &PlanOverrides { target_spacing: Some([0.001; 3]), ..Default::default() }).unwrap();
-        // 10⁶ times the voxels: refused on any machine, with the numbers.
-        if memory_budget().unwrap().is_some() {
-            let e = check_preprocess_memory(&fine, "3d_fullres", None, 1).unwrap_err();
-            assert!(e.contains("PB of memory") && e.contains("--target-spacing"), "{e}");
-        }
-        // With the fingerprint, the largest case decides.
-        assert!(check_preprocess_memory(&p, "3d_fullres", Some(&fp), 2).is_ok());
     }
 
     #[test]

@@ -239,8 +239,8 @@ pub fn preprocess_case(case: &Case, plans: &Plans, configuration: &str) -> Resul
     // numbers, not overflow a shape or abort allocating.
     let grid: Vec<f64> = (0..3).map(|a| (spacing[a] / target[a] * cropped_shape[a] as f64).round().max(1.0)).collect();
     let raw: f64 = geometry.shape().iter().map(|&n| n as f64).product();
-    let need = crate::planning::plan::preprocess_case_bytes(channels.len(), raw, grid.iter().product());
-    crate::planning::plan::check_memory(
+    let need = crate::planning::footprint::preprocess_case_bytes(channels.len(), raw, grid.iter().product());
+    crate::memory::check_memory(
         need,
         &format!(
             "preprocessing {} ({:?} voxels at {:.3?} mm, {:.0?} voxels at the plan's {:.3?} mm)",

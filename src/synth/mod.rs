@@ -142,7 +142,7 @@ fn validate(cfg: &SynthConfig, out: &Path) -> Result<()> {
     }
     let voxels: f64 = cfg.shape.iter().map(|&n| n as f64).product();
     let at_once = cfg.workers.max(1).min(cfg.labeled + cfg.unlabeled).max(1);
-    crate::planning::plan::check_memory(
+    crate::memory::check_memory(
         at_once as f64 * case_bytes(voxels),
         &format!("--shape {z},{y},{x} with {at_once} case(s) at a time (-j)"),
         "use a smaller --shape or fewer workers (-j)",

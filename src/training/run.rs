@@ -251,7 +251,7 @@ pub fn train_on_ranks(
     let cfg = datapath_config(&opts.shards, &knobs)?;
     let what =
         format!("the data path (patch {patch:?}, {} sample(s) per batch)", cfg.labeled_batch + cfg.unlabeled_batch);
-    crate::planning::plan::check_memory(super::data::datapath_bytes(&cfg), &what, "use a smaller --patch")
+    crate::memory::check_memory(super::data::datapath_bytes(&cfg), &what, "use a smaller --patch")
         .map_err(|e| Error::invalid(&opts.shards, e))?;
     if let Some(n) = opts.torch_threads(&devices) {
         tch::set_num_threads(n as i32);

@@ -17,265 +17,22 @@ mod sampler;
 mod stages;
 mod supervisor;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::augment::{AugmentConfig, Augmenter, Draw, Sample};
+use crate::augment::Sample;
 use crate::telemetry::{QueueStats, Snapshot, StageStats, Telemetry};
 
+mod batch;
+mod config;
+
+pub(crate) use batch::{AugmentedSample, RawBuffers, RawSample};
+pub use batch::{Batch, BatchBuffers, ReadFailure};
+pub use config::{shard_sources, DataPathConfig, FaultInjection, GlobalBatch, Normalize, Stage};
 pub use sampler::{forced_per_batch, forced_slot, region_bounds, region_origin, CaseSource};
-
-/// Normalisation of one channel: clip, then z-score (nnU-Net's CT scheme).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Normalize {
-    pub clip_low: f32,
-    pub clip_high: f32,
-    pub mean: f32,
-    pub std: f32,
-}
-
-impl Normalize {
-    #[inline]
-    pub fn apply(&self, v: f32) -> f32 {
-        (v.clamp(self.clip_low, self.clip_high) - self.mean) / self.std.max(1e-8)
-    }
-}
-
-/// Which stage a fault is injected into (tests of supervision).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Loader,
-    Augmenter,
-    Batcher,
-}
-
-impl Stage {
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Loader => "loader",
-            Stage::Augmenter => "augmenter",
-            Stage::Batcher => "batcher",
-        }
-    }
-}
-
-/// Panics a worker of `stage` on every `every`-th item it handles (fault injection).
-#[derive(Debug, Clone, Copy)]
-pub struct FaultInjection {
-    pub stage: Stage,
-    pub every: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct DataPathConfig {
-    pub labeled: Vec<CaseSource>,
-    pub unlabeled: Vec<CaseSource>,
-    /// (z, y, x).
-    pub patch: [usize; 3],
-    pub channels: usize,
-    pub labeled_batch: usize,
-    pub unlabeled_batch: usize,
-    pub augmentation: AugmentConfig,
-    /// Deep-supervision scales, finest first (the plan's).
-    pub ds_scales: Vec<[f64; 3]>,
-    pub normalization: Vec<Normalize>,
-    /// nnU-Net's foreground oversampling (0.33): the last
-    /// `labeled_batch − round(labeled_batch · (1 − p))` labeled samples of every batch
-    /// are centred on a stored foreground voxel.
-    pub oversample_foreground: f64,
-    pub loaders: usize,
-    pub augmenters: usize,
-    pub batchers: usize,
-    /// Capacities in items: raw samples, augmented samples, batches per consumer.
-    pub raw_queue: usize,
-    pub augmented_queue: usize,
-    pub batch_queue: usize,
-    /// How many consumers receive every batch (2 for the two CPS trainers).
-    pub consumers: usize,
-    pub seed: u64,
-    /// Shards each loader keeps mapped (least recently used are unmapped), so that
-    /// resident memory does not grow with the number of scans.
-    pub open_shards_per_loader: usize,
-    pub log_interval: Duration,
-    pub fault: Option<FaultInjection>,
-    /// Batches keyed by number: each sample a function of (seed, batch, slot of the global
-    /// batch) whatever the workers' timing, and this process streaming only its rank's
-    /// slice of every global batch (see [`GlobalBatch`]). None: samples as they come.
-    pub global: Option<GlobalBatch>,
-}
-
-/// This process's share of a global batch of `world` ranks: `labeled_batch` and
-/// `unlabeled_batch` are per rank, and rank r streams labeled slots r·L..(r+1)·L and
-/// unlabeled slots r·U..(r+1)·U of every global batch of world·L + world·U samples. A run
-/// on N ranks therefore sees the samples of one process with the N-fold batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GlobalBatch {
-    pub rank: usize,
-    pub world: usize,
-}
-
-impl DataPathConfig {
-    pub fn new(labeled: Vec<CaseSource>, unlabeled: Vec<CaseSource>, patch: [usize; 3]) -> DataPathConfig {
-        DataPathConfig {
-            labeled,
-            unlabeled,
-            patch,
-            channels: 1,
-            labeled_batch: 2,
-            unlabeled_batch: 2,
-            augmentation: AugmentConfig::default(),
-            ds_scales: vec![[1.0; 3]],
-            normalization: vec![Normalize { clip_low: f32::MIN, clip_high: f32::MAX, mean: 0.0, std: 1.0 }],
-            oversample_foreground: 0.33,
-            loaders: 1,
-            augmenters: 1,
-            batchers: 1,
-            raw_queue: 4,
-            augmented_queue: 4,
-            batch_queue: 2,
-            consumers: 1,
-            seed: 0,
-            open_shards_per_loader: 16,
-            log_interval: Duration::from_secs(5),
-            fault: None,
-            global: None,
-        }
-    }
-
-    /// Bytes the queues can hold at most, roughly (for sizing capacities in memory terms).
-    pub fn queue_bytes(&self) -> u64 {
-        let patch: u64 = self.patch.iter().map(|&p| p as u64).product();
-        let region: u64 =
-            AugmentConfig::source_region(&self.augmentation, self.patch).iter().map(|&p| p as u64).product();
-        let c = self.channels as u64;
-        let raw = region * (4 * c + 1);
-        let aug = patch * (4 * c + 1);
-        let batch =
-            (self.labeled_batch + self.unlabeled_batch) as u64 * patch * 4 * c + self.labeled_batch as u64 * patch;
-        self.raw_queue as u64 * raw
-            + self.augmented_queue as u64 * aug
-            + self.batch_queue as u64 * batch * self.consumers as u64
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if self.labeled.is_empty() && self.labeled_batch > 0 {
-            return Err("no labeled shards, but the batch asks for labeled samples".into());
-        }
-        if self.unlabeled.is_empty() && self.unlabeled_batch > 0 {
-            return Err("no unlabeled shards, but the batch asks for unlabeled samples".into());
-        }
-        if self.labeled_batch + self.unlabeled_batch == 0 {
-            return Err("empty batch".into());
-        }
-        if self.loaders == 0 || self.augmenters == 0 || self.batchers == 0 || self.consumers == 0 {
-            return Err("every stage needs at least one worker and one consumer".into());
-        }
-        if self.normalization.len() != self.channels {
-            return Err(format!("{} normalisations for {} channels", self.normalization.len(), self.channels));
-        }
-        Augmenter::new(self.augmentation, self.patch, self.channels, &self.ds_scales).map_err(|e| e.to_string())?;
-        if let Some(g) = self.global {
-            if g.world == 0 || g.rank >= g.world {
-                return Err(format!("rank {} of a world of {}", g.rank, g.world));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// One batch: labeled samples first, then unlabeled; contiguous, ready to become a
-/// tensor without copying.
-#[derive(Debug, Default)]
-pub struct Batch {
-    pub index: u64,
-    pub patch: [usize; 3],
-    pub channels: usize,
-    pub labeled: usize,
-    pub unlabeled: usize,
-    /// `[labeled + unlabeled][channel][z][y][x]`.
-    pub image: Vec<f32>,
-    /// `[labeled][z][y][x]`.
-    pub labels: Vec<u8>,
-    /// Per deep-supervision scale after the first: `[labeled][z][y][x]` of `ds_shapes[i]`.
-    pub ds_labels: Vec<Vec<u8>>,
-    pub ds_shapes: Vec<[usize; 3]>,
-    /// Per sample: shard id and whether it was centred on foreground.
-    pub cases: Vec<String>,
-    pub forced_foreground: Vec<bool>,
-    /// Where the buffers go when the last consumer drops the batch.
-    pub recycle: Option<Sender<BatchBuffers>>,
-}
-
-/// A batch's large buffers: image, labels, deep-supervision labels.
-pub type BatchBuffers = (Vec<f32>, Vec<u8>, Vec<Vec<u8>>);
-
-impl Drop for Batch {
-    fn drop(&mut self) {
-        if let Some(tx) = self.recycle.take() {
-            let bufs = (
-                std::mem::take(&mut self.image),
-                std::mem::take(&mut self.labels),
-                std::mem::take(&mut self.ds_labels),
-            );
-            let _ = tx.try_send(bufs);
-        }
-    }
-}
-
-impl Batch {
-    pub fn samples(&self) -> usize {
-        self.labeled + self.unlabeled
-    }
-}
-
-/// Image and label buffers of a raw sample, recycled.
-pub(crate) type RawBuffers = (Vec<f32>, Vec<u8>);
-
-/// A region read from a shard, with the augmentation drawn for it.
-pub(crate) struct RawSample {
-    /// Its number among this rank's samples (keyed batches only).
-    pub key: Option<u64>,
-    pub case: usize,
-    pub labeled: bool,
-    /// The batch slot nnU-Net forces to foreground.
-    pub wants_foreground: bool,
-    /// Whether it got it (a case without foreground falls back to a random box).
-    pub forced_foreground: bool,
-    /// The box read (part of nnU-Net's enlarged region) and the patch centre in it.
-    pub region: [usize; 3],
-    pub centre: [f64; 3],
-    pub image: Vec<f32>,
-    pub labels: Vec<u8>,
-    pub draw: Draw,
-}
-
-pub(crate) struct AugmentedSample {
-    pub key: Option<u64>,
-    pub case: usize,
-    pub labeled: bool,
-    pub wants_foreground: bool,
-    pub forced_foreground: bool,
-    pub sample: Sample,
-}
-
-/// A shard that could not be read while the path ran.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ReadFailure {
-    pub case: String,
-    pub path: std::path::PathBuf,
-    pub failures: u32,
-    pub last_error: String,
-    /// No longer sampled (it failed too often).
-    pub excluded: bool,
-}
 
 /// Read failures per shard (`(labeled, index)`): how many and the last error, and the
 /// shards no longer sampled.
@@ -580,21 +337,6 @@ impl Drop for DataPath {
             self.stop();
         }
     }
-}
-
-/// Manifest-free helper: the shards of a folder as case sources.
-pub fn shard_sources(paths: &[(String, PathBuf, bool)]) -> (Vec<CaseSource>, Vec<CaseSource>) {
-    let mut labeled = Vec::new();
-    let mut unlabeled = Vec::new();
-    for (id, path, is_labeled) in paths {
-        let c = CaseSource { id: id.clone(), path: path.clone() };
-        if *is_labeled {
-            labeled.push(c);
-        } else {
-            unlabeled.push(c);
-        }
-    }
-    (labeled, unlabeled)
 }
 
 #[cfg(test)]
