@@ -199,7 +199,7 @@ pub fn squared_distance_transform(features: ArrayView3<'_, bool>, spacing: [f64;
     d
 }
 
-/// out[p] = min_q f[q] + ((p - q)·step)² over the finite f[q].
+/// `out[p] = min_q f[q] + ((p - q)·step)²` over the finite `f[q]`.
 fn lower_envelope(f: &[f64], step: f64, out: &mut [f64], sites: &mut [usize], bounds: &mut [f64]) {
     let x = |p: usize| p as f64 * step;
     let mut k: isize = -1;
