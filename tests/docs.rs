@@ -129,12 +129,15 @@ fn command_texts(text: &str) -> Vec<(usize, String)> {
 fn options_after(words: &[&str]) -> Vec<String> {
     let mut v = Vec::new();
     for w in words {
-        if matches!(*w, "|" | "&&" | ";" | ">" | "2>&1" | "#" | "||" | "&") || w.starts_with('#') || w.starts_with('>') {
+        if matches!(*w, "|" | "&&" | ";" | ">" | "2>&1" | "#" | "||" | "&") || w.starts_with('#') || w.starts_with('>')
+        {
             break;
         }
         let w = w.trim_matches(|c| c == ',' || c == ')' || c == '(' || c == '"' || c == '\'');
         let name = w.split('=').next().unwrap_or(w);
-        let long = name.starts_with("--") && name.len() > 2 && name[2..].chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        let long = name.starts_with("--")
+            && name.len() > 2
+            && name[2..].chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
         let short = name.len() == 2 && name.starts_with('-') && name.as_bytes()[1].is_ascii_alphabetic();
         if long || short {
             v.push(name.to_string());
@@ -154,13 +157,12 @@ fn every_documented_command_line_uses_real_subcommands_and_options() {
             let words: Vec<&str> = cmd.split_whitespace().collect();
             for (i, w) in words.iter().enumerate() {
                 // `cps3d SUB`, or `cargo run --release -- SUB`.
-                let after = if *w == "cps3d" || w.ends_with("/cps3d") {
-                    &words[i + 1..]
-                } else if *w == "--" && i >= 1 && words[..i].contains(&"run") && words[..i].contains(&"cargo") {
-                    &words[i + 1..]
-                } else {
+                let binary = *w == "cps3d" || w.ends_with("/cps3d");
+                let cargo_run = *w == "--" && words[..i].contains(&"run") && words[..i].contains(&"cargo");
+                if !(binary || cargo_run) {
                     continue;
-                };
+                }
+                let after = &words[i + 1..];
                 let Some(first) = after.first() else { continue };
                 // Prose such as "cps3d 0.1.0" or "cps3d's": only lowercase words are commands.
                 if !first.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
@@ -208,7 +210,12 @@ fn option_table_problems(cli: &Cli, page: &Path, text: &str) -> Vec<String> {
         let spans = first_cell.split('`').skip(1).step_by(2);
         for option in spans.flat_map(|s| options_after(&s.split(['/', ' ']).collect::<Vec<_>>())) {
             if !cli.has_option(path, &option) {
-                problems.push(format!("{}:{}: table row names {option}, not an option of `cps3d {}`", rel(page), n + 1, path.join(" ")));
+                problems.push(format!(
+                    "{}:{}: table row names {option}, not an option of `cps3d {}`",
+                    rel(page),
+                    n + 1,
+                    path.join(" ")
+                ));
             }
         }
     }
@@ -257,7 +264,8 @@ fn every_link_lands_on_a_file_and_heading_that_exist() {
                     problems.push(format!("{}:{}: {target}: no such file", rel(&page), n + 1));
                     continue;
                 }
-                if !anchor.is_empty() && !anchors(&std::fs::read_to_string(&path).unwrap_or_default()).contains(anchor) {
+                if !anchor.is_empty() && !anchors(&std::fs::read_to_string(&path).unwrap_or_default()).contains(anchor)
+                {
                     problems.push(format!("{}:{}: {target}: no such heading", rel(&page), n + 1));
                 }
             }
@@ -288,5 +296,8 @@ fn the_checker_catches_what_it_should() {
     assert!(!cli.has_option(&train, "--epoch") && !cli.has_option(&train, "--no-such-option"));
     assert_eq!(options_after(&["--epochs", "3", "--fold=all", "-o", "x", "|", "--grep"]), ["--epochs", "--fold", "-o"]);
     assert_eq!(slug("`cps3d train SHARDS -o RUN_DIR`"), "cps3d-train-shards--o-run_dir");
-    assert_eq!(command_texts("a `cps3d info` b\n```\ncps3d train x \\\n  --epochs 2\n```\n")[1].1.split_whitespace().count(), 5);
+    assert_eq!(
+        command_texts("a `cps3d info` b\n```\ncps3d train x \\\n  --epochs 2\n```\n")[1].1.split_whitespace().count(),
+        5
+    );
 }
