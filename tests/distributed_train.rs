@@ -75,6 +75,22 @@ fn assert_same_losses(one: &Path, two: &Path, steps: usize, relative: f64) {
     }
 }
 
+/// Both siblings' weights at `epoch`'s checkpoint agree within `tolerance`.
+fn assert_same_weights(one: &Path, two: &Path, epoch: usize, tolerance: f64) {
+    for net in ["net0", "net1"] {
+        let read = |run: &Path| -> std::collections::BTreeMap<String, tch::Tensor> {
+            let file = run.join(format!("checkpoints/epoch_{epoch:04}/{net}.safetensors"));
+            tch::Tensor::read_safetensors(file).unwrap().into_iter().filter(|(n, _)| n.starts_with("model.")).collect()
+        };
+        let (wa, wb) = (read(one), read(two));
+        assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+        for ((name, x), y) in wa.iter().zip(wb.values()) {
+            let diff = (x - y).abs().max().double_value(&[]);
+            assert!(diff <= tolerance, "epoch {epoch}, {net} {name}: weights differ by {diff:e}");
+        }
+    }
+}
+
 #[test]
 fn two_ranks_with_half_batches_train_as_one_process_with_the_whole_batch() {
     let tmp = tempfile::tempdir().unwrap();
@@ -89,23 +105,14 @@ fn two_ranks_with_half_batches_train_as_one_process_with_the_whole_batch() {
     for (a, b) in log_dice(&one).iter().zip(log_dice(&two)) {
         assert!((a - b).abs() <= 1e-3 || (a.is_nan() && b.is_nan()), "pseudo-Dice {a} vs {b}");
     }
-    for net in ["net0", "net1"] {
-        let read = |run: &Path| -> std::collections::BTreeMap<String, tch::Tensor> {
-            let file = run.join(format!("checkpoints/epoch_0002/{net}.safetensors"));
-            tch::Tensor::read_safetensors(file).unwrap().into_iter().filter(|(n, _)| n.starts_with("model.")).collect()
-        };
-        let (wa, wb) = (read(&one), read(&two));
-        assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
-        for ((name, x), y) in wa.iter().zip(wb.values()) {
-            let diff = (x - y).abs().max().double_value(&[]);
-            assert!(diff <= 1e-5, "{net} {name}: weights differ by {diff:e}");
-        }
-    }
-    // 10 steps: within 1e-3 of the loss. Rounding stays rounding until an activation at a
-    // LeakyReLU's kink, or a voxel whose two best logits tie (a CPS pseudo-label), falls on
-    // the other side in one run: a discrete step the momentum then carries along.
+    assert_same_weights(&one, &two, 2, 1e-5);
+    // 10 steps: losses and weights within 5e-4. Rounding stays rounding until an activation
+    // at a LeakyReLU's kink, or a voxel whose two best logits tie (a CPS pseudo-label), falls
+    // on the other side in one run: a discrete step the momentum then carries along (measured
+    // on this 2-core Xeon: losses 3.5e-5 apart, weights 4.8e-5, from step 3 on).
     let (one, two) = one_and_two_ranks(&tmp.path().join("long"), &sh, "10");
-    assert_same_losses(&one, &two, 10, 1e-3);
+    assert_same_losses(&one, &two, 10, 5e-4);
+    assert_same_weights(&one, &two, 9, 5e-4);
 }
 
 #[test]
