@@ -116,7 +116,7 @@ fn two_ranks_with_half_batches_train_as_one_process_with_the_whole_batch() {
 }
 
 #[test]
-fn a_rank_that_dies_ends_the_run_naming_it_and_the_run_resumes_on_one_process() {
+fn a_rank_that_dies_ends_the_run_naming_it_and_the_run_resumes_on_one_process_then_on_two() {
     let tmp = tempfile::tempdir().unwrap();
     let sh = common::tiny_shards(tmp.path());
     let run = tmp.path().join("run");
@@ -149,6 +149,10 @@ fn a_rank_that_dies_ends_the_run_naming_it_and_the_run_resumes_on_one_process() 
     let (o, _) = train(&["train", "--resume", run.to_str().unwrap()], None);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert_eq!(log_losses(&run).iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 2]);
+    // And on from one process to two ranks again, one epoch more.
+    let (o, _) = train(&["train", "--resume", run.to_str().unwrap(), "--epochs", "4", "--nproc-per-node", "2"], None);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(log_losses(&run).iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
 }
 
 /// Ranks started by another launcher (torchrun, Slurm) have no parent that names a dead
