@@ -33,45 +33,72 @@ fn build_c10d_shim(root: &Path) {
     let shim = Path::new("src/distributed/c10d_shim.cpp");
     println!("cargo:rerun-if-changed={}", shim.display());
     println!("cargo:rerun-if-changed=src/distributed/gloo_decl");
-    let mut build = cc::Build::new();
+    let base = || {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++17")
+            .file(shim)
+            .include("src/distributed/gloo_decl")
+            .include(root.join("include"))
+            .include(root.join("include/torch/csrc/api/include"))
+            .define("USE_DISTRIBUTED", None)
+            .define("USE_C10D_GLOO", None)
+            // The PyPI wheels (which both libtorch folders come from) use the C++11 ABI.
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            // libtorch's headers warn a lot under -Wall; the shim's own code is small.
+            .flag_if_supported("-w");
+        build
+    };
+    let without_nccl = |why: String| {
+        println!(
+            "cargo:warning=CUDA libtorch, but {why}: built without NCCL, CUDA gradients are reduced by Gloo through \
+             host memory (scripts/setup-libtorch.sh --gpu installs the headers)"
+        );
+    };
     if root.join("lib/libtorch_cuda.so").exists() {
         match nccl_include_dirs(root) {
             Ok(dirs) => {
+                let mut build = base();
                 build.define("USE_C10D_NCCL", None);
                 for d in dirs {
                     build.include(d);
                 }
+                // A header set that does not compile (another CUDA's, a partial install) means
+                // Gloo only, not a failed build.
+                match build.try_compile("cps3d_c10d") {
+                    Ok(()) => return,
+                    Err(e) => without_nccl(format!("the NCCL process group does not compile here ({e})")),
+                }
             }
-            Err(missing) => println!(
-                "cargo:warning=CUDA libtorch without {missing}: built without NCCL, CUDA gradients are reduced by \
-                 Gloo through host memory (scripts/setup-libtorch.sh --gpu installs the headers)"
-            ),
+            Err(missing) => without_nccl(format!("no {missing} found")),
         }
     }
-    build
-        .cpp(true)
-        .std("c++17")
-        .file(shim)
-        .include("src/distributed/gloo_decl")
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .define("USE_DISTRIBUTED", None)
-        .define("USE_C10D_GLOO", None)
-        // The PyPI wheels (which both libtorch folders come from) use the C++11 ABI.
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        // libtorch's headers warn a lot under -Wall; the shim's own code is small.
-        .flag_if_supported("-w")
-        .compile("cps3d_c10d");
+    base().compile("cps3d_c10d");
 }
 
 /// The folders that hold the headers ProcessGroupNCCL.hpp includes (NCCL's, CUDA's runtime,
-/// its compiler's host headers, CCCL's and the math libraries' ATen's CUDA context names):
-/// a CUDA toolkit (`CUDA_HOME`, /usr/local/cuda) or the NVIDIA wheels beside a pip torch.
-/// Err names the first header found nowhere.
+/// its compiler's host headers, CCCL's and the math libraries' ATen's CUDA context names).
+/// The NVIDIA wheels beside a pip torch come first — they are the versions torch was built
+/// with — then `NCCL_INCLUDE_DIR`, `CUDA_HOME`, /usr/local/cuda and /usr/include. Err names
+/// the first header found nowhere.
 fn nccl_include_dirs(root: &Path) -> Result<Vec<std::path::PathBuf>, String> {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
     let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    // pip's layout: site-packages/{torch, nvidia/<package>/include}.
+    if let Some(site) = root.parent() {
+        let nvidia = site.join("nvidia");
+        println!("cargo:rerun-if-changed={}", nvidia.display());
+        if let Ok(entries) = std::fs::read_dir(&nvidia) {
+            let mut wheels: Vec<_> = entries.flatten().map(|e| e.path().join("include")).collect();
+            wheels.sort();
+            for w in &wheels {
+                println!("cargo:rerun-if-changed={}", w.display());
+            }
+            candidates.extend(wheels);
+        }
+    }
     for var in ["NCCL_INCLUDE_DIR", "CUDA_HOME"] {
         if let Ok(v) = std::env::var(var) {
             let p = Path::new(&v);
@@ -80,14 +107,6 @@ fn nccl_include_dirs(root: &Path) -> Result<Vec<std::path::PathBuf>, String> {
     }
     candidates.push("/usr/local/cuda/include".into());
     candidates.push("/usr/include".into());
-    // pip's layout: site-packages/{torch, nvidia/<package>/include}.
-    if let Some(site) = root.parent() {
-        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
-            let mut wheels: Vec<_> = entries.flatten().map(|e| e.path().join("include")).collect();
-            wheels.sort();
-            candidates.extend(wheels);
-        }
-    }
     let needed = ["nccl.h", "cuda_runtime_api.h", "crt/host_config.h", "nv/target", "cusparse.h", "cublas_v2.h"];
     let mut dirs = Vec::new();
     for header in needed {

@@ -3,8 +3,8 @@
 # makes a small synthetic dataset, plans the paper's 3D network (patch 112×160×128, 14
 # classes, 30,795,654 parameters), runs STEPS CPS steps (5 epochs) with both siblings on the
 # GPU(s) under fp16 autocast, printing step time, data-wait share, the loss per epoch and
-# peak GPU memory; then 10 steps on 2 ranks (train --nproc-per-node 2: NCCL with two GPUs,
-# Gloo when both ranks share one); then predicts one 512×512×100 scan with forced spacing
+# peak GPU memory; then 10 steps on 2 ranks (train --nproc-per-node 2: NCCL when the GPUs
+# go round, Gloo when the ranks share one); then predicts one 512×512×100 scan with forced spacing
 # (FLARE22 ranks time and GPU memory), printing seconds and peak GPU memory. Fits in ~9 minutes.
 #
 #   scripts/gpu-check.sh [STEPS]        (default 50)
@@ -52,16 +52,21 @@ for e in log:
     print(f"epoch {e['epoch']}: step {e['step_seconds']:.3f} s, data wait {100 * e['data_wait']:.1f}%, loss {[round(v, 3) for v in e['loss']]}, phases {e.get('phases')}")
 PY
 echo "training: peak GPU memory (MiB, nvidia-smi, whole device; both siblings share cuda:0 on one GPU): $(peak_mib gpu-mem.csv)"
-# Data-parallel: 2 ranks, each with half of the batch and both siblings on one GPU. NCCL
-# needs a GPU per rank; on a one-GPU machine both ranks share it and reduce with Gloo.
-if [[ "$(nvidia-smi -L | wc -l)" -ge 2 ]]; then
-  rank_env=(env)
-  echo "2 ranks: NCCL, rank r on cuda:r"
+# Data-parallel: 2 ranks, each with half of the batch. NCCL needs a GPU of its own per
+# rank and per sibling (two NCCL groups on one GPU can deadlock, so siblings sharing one
+# reduce through Gloo); with fewer GPUs the ranks share them through Gloo.
+ngpu="$(nvidia-smi -L | wc -l)"
+if (( ngpu >= 4 )); then
+  rank_env=(env); rank_args=(--devices cuda:0,cuda:1)
+  echo "2 ranks: NCCL, rank r's siblings on cuda:2r and cuda:2r+1"
+elif (( ngpu >= 2 )); then
+  rank_env=(env); rank_args=(--devices cuda:0 --supervised-only)
+  echo "2 ranks: NCCL, one supervised network per rank, rank r on cuda:r"
 else
-  rank_env=(env CUDA_VISIBLE_DEVICES=0 CPS3D_DIST_BACKEND=gloo)
-  echo "2 ranks: one GPU here, both ranks on cuda:0, Gloo through host memory (NCCL refuses two ranks on one GPU)"
+  rank_env=(env CUDA_VISIBLE_DEVICES=0 CPS3D_DIST_BACKEND=gloo); rank_args=(--devices cuda:0)
+  echo "2 ranks: one GPU here, both ranks and siblings on cuda:0, Gloo through host memory"
 fi
-"${rank_env[@]}" "$bin" train shards -o run-ranks --epochs 2 --iterations 5 --devices cuda:0 --nproc-per-node 2 --loaders 2 --augmenters 2 --fold all --val-iterations 2 --no-final-validation
+"${rank_env[@]}" "$bin" train shards -o run-ranks --epochs 2 --iterations 5 "${rank_args[@]}" --nproc-per-node 2 --loaders 2 --augmenters 2 --fold all --val-iterations 2 --no-final-validation
 python3 - <<'PY'
 import json
 for l in open("run-ranks/log.jsonl"):

@@ -78,7 +78,8 @@ pub struct TrainArgs {
     /// CPU threads libtorch may use, shared by the trainers on the CPU (default: all cores).
     #[arg(long, value_parser = super::workers, allow_negative_numbers = true)]
     threads: Option<usize>,
-    /// Seconds a trainer waits for a batch or for its sibling's labels before giving up.
+    /// Seconds a trainer waits for a batch or for its sibling's labels before giving up;
+    /// with several ranks also the rendezvous's and each collective's limit.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
     /// Convolutions of the trainers on the CPU in bfloat16 (float32 weights, norms and

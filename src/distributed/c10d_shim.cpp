@@ -1,8 +1,9 @@
 // The few c10d calls cps3d needs, as C functions for Rust: a TCPStore rendezvous, a Gloo
 // process group (CPU tensors), an NCCL one (CUDA tensors; only when build.rs finds
 // libtorch_cuda.so and nccl.h, which defines USE_C10D_NCCL), and all-reduce (sum),
-// all-gather, broadcast and barrier, each waited on with a timeout. Tensors are tch's (`at::Tensor*`). Errors never cross into Rust as
-// exceptions: they are written into `err` and the call returns non-zero (or null).
+// all-gather, broadcast and barrier, each waited on with a timeout. Tensors are tch's
+// (`at::Tensor*`). Errors never cross into Rust as exceptions: they are written into `err`
+// and the call returns non-zero (or null).
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -11,6 +12,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <stdexcept>
@@ -62,6 +64,38 @@ std::vector<at::Tensor> tensors(at::Tensor** ts, int count) {
 void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t timeout_ms) {
   work->wait(std::chrono::milliseconds(timeout_ms));
 }
+
+// A collective's own timeout: NCCL's watchdog aborts the process when it passes, so it is
+// set two minutes past the timed wait, whose error (naming the stopped rank) comes first.
+std::chrono::milliseconds op_timeout(const cps3d_pg* pg, int64_t timeout_ms) {
+  auto t = std::chrono::milliseconds(timeout_ms);
+  return pg->backend->getBackendName() == "nccl" ? t + std::chrono::minutes(2) : t;
+}
+
+// Where this rank's Gloo connections bind, as PyTorch chooses: the interfaces
+// GLOO_SOCKET_IFNAME names, the loopback address for a run on this machine, else the
+// address this host's own name resolves to (never the master's: other nodes cannot bind it).
+void add_gloo_devices(c10d::ProcessGroupGloo::Options& options, const std::string& master) {
+  const char* ifnames = std::getenv("GLOO_SOCKET_IFNAME");
+  if (ifnames != nullptr && *ifnames != '\0') {
+    std::string list(ifnames);
+    size_t start = 0;
+    while (start <= list.size()) {
+      size_t end = list.find(',', start);
+      if (end == std::string::npos) end = list.size();
+      if (end > start) {
+        options.devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(list.substr(start, end - start)));
+      }
+      start = end + 1;
+    }
+    return;
+  }
+  if (master == "127.0.0.1" || master == "localhost" || master == "::1") {
+    options.devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    return;
+  }
+  options.devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+}
 }  // namespace
 
 extern "C" {
@@ -110,14 +144,14 @@ int cps3d_store_get(cps3d_store* s, const char* key, char* value, size_t len, in
 }
 
 // A Gloo group on the store under its own prefix (one store serves several groups:
-// one per sibling network), its connections made to `host`.
+// one per sibling network); `host` is the master's address (see add_gloo_devices).
 cps3d_pg* cps3d_pg_gloo(cps3d_store* s, const char* prefix, const char* host, int rank, int world,
                         int64_t timeout_ms, char* err, size_t n) {
   cps3d_pg* pg = nullptr;
   guarded(err, n, [&] {
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store);
     auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+    add_gloo_devices(*options, std::string(host));
     pg = new cps3d_pg{c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options)};
   });
   return pg;
@@ -134,8 +168,9 @@ int cps3d_has_nccl() {
 
 // An NCCL group on the store under its own prefix. Its collectives run on NCCL's stream,
 // ordered after the work already queued on the tensors' current stream (tch's), and the
-// timed wait below blocks the host until they are done or the timeout has passed (an
-// error, not the watchdog's abort of the process).
+// timed wait blocks the host until they are done or the timeout has passed: an error that
+// names the stopped rank. NCCL's watchdog, which aborts the whole process at its own
+// timeout, is given two minutes more, so that the error comes first.
 cps3d_pg* cps3d_pg_nccl(cps3d_store* s, const char* prefix, int rank, int world, int64_t timeout_ms, char* err,
                         size_t n) {
   cps3d_pg* pg = nullptr;
@@ -143,7 +178,7 @@ cps3d_pg* cps3d_pg_nccl(cps3d_store* s, const char* prefix, int rank, int world,
 #ifdef USE_C10D_NCCL
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store);
     auto options = c10d::ProcessGroupNCCL::Options::create();
-    options->timeout = std::chrono::milliseconds(timeout_ms);
+    options->timeout = std::chrono::milliseconds(timeout_ms) + std::chrono::minutes(2);
     pg = new cps3d_pg{c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options)};
 #else
     (void)s, (void)prefix, (void)rank, (void)world, (void)timeout_ms;
@@ -162,7 +197,7 @@ int cps3d_pg_allreduce_sum(cps3d_pg* pg, at::Tensor* t, int64_t timeout_ms, char
     std::vector<at::Tensor> v = {*t};
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
-    o.timeout = std::chrono::milliseconds(timeout_ms);
+    o.timeout = op_timeout(pg, timeout_ms);
     wait(pg->backend->allreduce(v, o), timeout_ms);
   });
 }
@@ -173,7 +208,7 @@ int cps3d_pg_allgather(cps3d_pg* pg, at::Tensor* input, at::Tensor** outputs, in
     std::vector<at::Tensor> in = {*input};
     std::vector<std::vector<at::Tensor>> out = {tensors(outputs, world)};
     c10d::AllgatherOptions o;
-    o.timeout = std::chrono::milliseconds(timeout_ms);
+    o.timeout = op_timeout(pg, timeout_ms);
     wait(pg->backend->allgather(out, in, o), timeout_ms);
   });
 }
@@ -183,7 +218,7 @@ int cps3d_pg_broadcast(cps3d_pg* pg, at::Tensor* t, int root, int64_t timeout_ms
     std::vector<at::Tensor> v = {*t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
-    o.timeout = std::chrono::milliseconds(timeout_ms);
+    o.timeout = op_timeout(pg, timeout_ms);
     wait(pg->backend->broadcast(v, o), timeout_ms);
   });
 }
@@ -191,7 +226,7 @@ int cps3d_pg_broadcast(cps3d_pg* pg, at::Tensor* t, int root, int64_t timeout_ms
 int cps3d_pg_barrier(cps3d_pg* pg, int64_t timeout_ms, char* err, size_t n) {
   return guarded(err, n, [&] {
     c10d::BarrierOptions o;
-    o.timeout = std::chrono::milliseconds(timeout_ms);
+    o.timeout = op_timeout(pg, timeout_ms);
     wait(pg->backend->barrier(o), timeout_ms);
   });
 }

@@ -96,28 +96,31 @@ impl Launch {
 
 impl Launch {
     /// The GPUs of this rank. `--devices` names one rank's GPUs (`cuda:0,cuda:1`: a pair;
-    /// `cuda:0`: both siblings on one); with `visible` GPUs on the node and `bound` (the
-    /// launcher gave each rank its own, CUDA_VISIBLE_DEVICES set), local rank l takes the
-    /// l-th such set when the node has one for every local rank, as torchrun's
-    /// `cuda:LOCAL_RANK` does for one GPU per rank. CPU devices stay as they are.
+    /// `cuda:0`: both siblings on one). Local rank l takes the l-th such set when the node
+    /// shows `visible` GPUs enough for every local rank, as torchrun's `cuda:LOCAL_RANK`
+    /// does for one GPU per rank; the names stay as given when the launcher `bound` each rank
+    /// to its own GPUs (Slurm's per-task CUDA_VISIBLE_DEVICES), or when ranks `may_share`
+    /// GPUs (Gloo; NCCL refuses two ranks on one GPU). CPU devices stay as they are.
     pub fn rank_devices(
         &self,
         devices: &[tch::Device],
         visible: usize,
         bound: bool,
+        may_share: bool,
     ) -> Result<Vec<tch::Device>, String> {
         let per_rank =
             devices.iter().filter_map(|d| if let tch::Device::Cuda(i) = d { Some(i + 1) } else { None }).max();
         let Some(per_rank) = per_rank else { return Ok(devices.to_vec()) };
         let offset = if visible >= per_rank * self.local_world_size {
             per_rank * self.local_rank
-        } else if bound && visible >= per_rank {
+        } else if (bound || may_share) && visible >= per_rank {
             0
         } else {
             return Err(format!(
                 "{} local ranks with {per_rank} GPU(s) each need {} GPUs on this node, it shows {visible}: start \
-                 fewer ranks per node, name fewer GPUs per rank (--devices cuda:0 puts both siblings on one), or \
-                 give each rank its own GPUs with CUDA_VISIBLE_DEVICES (Slurm: --gpus-per-task)",
+                 fewer ranks per node, name fewer GPUs per rank (--devices cuda:0 puts both siblings on one), \
+                 give each rank its own GPUs (Slurm: --gpus-per-task), or let ranks share GPUs through Gloo \
+                 (CPS3D_DIST_BACKEND=gloo)",
                 self.local_world_size,
                 per_rank * self.local_world_size
             ));
@@ -274,14 +277,16 @@ mod tests {
         use tch::Device::{Cpu, Cuda};
         let pair = [Cuda(0), Cuda(1)];
         // 8 GPUs, 4 ranks per node, a sibling pair each: rank 3 on GPUs 6 and 7.
-        assert_eq!(local(3, 4).rank_devices(&pair, 8, false).unwrap(), vec![Cuda(6), Cuda(7)]);
+        assert_eq!(local(3, 4).rank_devices(&pair, 8, false, false).unwrap(), vec![Cuda(6), Cuda(7)]);
         // Both siblings on one GPU: 8 ranks on 8 GPUs.
-        assert_eq!(local(5, 8).rank_devices(&[Cuda(0)], 8, false).unwrap(), vec![Cuda(5)]);
+        assert_eq!(local(5, 8).rank_devices(&[Cuda(0)], 8, false, false).unwrap(), vec![Cuda(5)]);
         // Slurm --gpus-per-task=2: each rank sees its own two as cuda:0 and cuda:1.
-        assert_eq!(local(3, 4).rank_devices(&pair, 2, true).unwrap(), vec![Cuda(0), Cuda(1)]);
-        // Four ranks cannot share two unbound GPUs: refused with the numbers.
-        let e = local(3, 4).rank_devices(&pair, 2, false).unwrap_err();
+        assert_eq!(local(3, 4).rank_devices(&pair, 2, true, false).unwrap(), vec![Cuda(0), Cuda(1)]);
+        // Four ranks cannot share two unbound GPUs under NCCL: refused with the numbers…
+        let e = local(3, 4).rank_devices(&pair, 2, false, false).unwrap_err();
         assert!(e.contains("need 8 GPUs on this node, it shows 2"), "{e}");
-        assert_eq!(local(1, 2).rank_devices(&[Cpu, Cpu], 0, false).unwrap(), vec![Cpu, Cpu]);
+        // …but may through Gloo.
+        assert_eq!(local(3, 4).rank_devices(&pair, 2, false, true).unwrap(), vec![Cuda(0), Cuda(1)]);
+        assert_eq!(local(1, 2).rank_devices(&[Cpu, Cpu], 0, false, false).unwrap(), vec![Cpu, Cpu]);
     }
 }

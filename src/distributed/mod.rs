@@ -21,18 +21,21 @@ pub fn has_nccl() -> bool {
     unsafe { cps3d_has_nccl() != 0 }
 }
 
-/// The c10d backend for a sibling's group: NCCL for CUDA devices when this build has it,
-/// Gloo otherwise (CUDA tensors then travel through host buffers). `CPS3D_DIST_BACKEND=gloo`
-/// forces Gloo (two ranks on one GPU, which NCCL refuses; or to rule NCCL out in a hang).
-pub fn backend_for(device: Device) -> Result<Backend, String> {
+/// The c10d backend for a sibling's group: NCCL for a CUDA device of its own when this build
+/// has NCCL, Gloo otherwise (CUDA tensors then travel through host buffers). Both siblings on
+/// one GPU take Gloo: two NCCL communicators driven from two threads on one device can
+/// deadlock when the ranks launch their collectives in different orders.
+/// `CPS3D_DIST_BACKEND=gloo` forces Gloo (two ranks on one GPU, which NCCL refuses; or to
+/// rule NCCL out in a hang).
+pub fn backend_for(device: Device, siblings_share_device: bool) -> Result<Backend, String> {
     let forced = std::env::var("CPS3D_DIST_BACKEND").ok().filter(|v| !v.is_empty());
-    choose_backend(device, forced.as_deref(), has_nccl())
+    choose_backend(device, siblings_share_device, forced.as_deref(), has_nccl())
 }
 
-fn choose_backend(device: Device, forced: Option<&str>, nccl_built: bool) -> Result<Backend, String> {
+fn choose_backend(device: Device, shared: bool, forced: Option<&str>, nccl_built: bool) -> Result<Backend, String> {
     let cuda = matches!(device, Device::Cuda(_));
     match forced {
-        None if cuda && nccl_built => Ok(Backend::Nccl),
+        None if cuda && nccl_built && !shared => Ok(Backend::Nccl),
         None | Some("gloo") => Ok(Backend::Gloo),
         Some("nccl") if !cuda => {
             Err(format!("CPS3D_DIST_BACKEND=nccl: NCCL reduces CUDA tensors; this sibling trains on {device:?}"))
@@ -41,6 +44,10 @@ fn choose_backend(device: Device, forced: Option<&str>, nccl_built: bool) -> Res
                                             libtorch has no libtorch_cuda.so, or nccl.h was not found: see \
                                             scripts/setup-libtorch.sh --gpu)"
             .to_string()),
+        Some("nccl") if shared => Err(format!(
+            "CPS3D_DIST_BACKEND=nccl: both siblings train on {device:?}, and two NCCL groups on one GPU can deadlock; \
+             give each sibling its own GPU (--devices cuda:0,cuda:1) or use gloo"
+        )),
         Some("nccl") => Ok(Backend::Nccl),
         Some(other) => Err(format!("CPS3D_DIST_BACKEND={other}: expected gloo or nccl")),
     }
@@ -304,7 +311,8 @@ impl ProcessGroup {
     /// at most `timeout`.
     pub fn gloo(store: &Store, name: &str, timeout: Duration) -> Result<Self, String> {
         let c_name = CString::new(name).map_err(|_| format!("group name {name:?} holds a NUL byte"))?;
-        // Gloo connects ranks by address: the loopback name as a number, others as given.
+        // The master's address: the shim binds to loopback for a run on this machine, else
+        // to this host's own address (or GLOO_SOCKET_IFNAME's interfaces).
         let host = if store.host == "localhost" { "127.0.0.1" } else { store.host.as_str() };
         let c_host = CString::new(host).map_err(|_| format!("host {host:?} holds a NUL byte"))?;
         let mut err = vec![0u8; ERR_LEN];
@@ -377,9 +385,16 @@ impl ProcessGroup {
         })
     }
 
-    /// The group for a sibling training on `device`, on [`backend_for`]'s backend.
-    pub fn for_device(store: &Store, name: &str, device: Device, timeout: Duration) -> Result<Self, String> {
-        match backend_for(device)? {
+    /// The group for a sibling training on `device` (which its sibling may share), on
+    /// [`backend_for`]'s backend.
+    pub fn for_device(
+        store: &Store,
+        name: &str,
+        device: Device,
+        siblings_share_device: bool,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        match backend_for(device, siblings_share_device)? {
             Backend::Gloo => ProcessGroup::gloo(store, name, timeout),
             Backend::Nccl => ProcessGroup::nccl(store, name, device, timeout),
         }
@@ -583,13 +598,16 @@ mod tests {
     #[test]
     fn nccl_for_cuda_when_built_with_it_gloo_otherwise() {
         let gpu = Device::Cuda(1);
-        assert_eq!(choose_backend(gpu, None, true), Ok(Backend::Nccl));
-        assert_eq!(choose_backend(gpu, None, false), Ok(Backend::Gloo));
-        assert_eq!(choose_backend(Device::Cpu, None, true), Ok(Backend::Gloo));
-        assert_eq!(choose_backend(gpu, Some("gloo"), true), Ok(Backend::Gloo));
-        assert!(choose_backend(gpu, Some("nccl"), false).unwrap_err().contains("built without NCCL"));
-        assert!(choose_backend(Device::Cpu, Some("nccl"), true).unwrap_err().contains("CUDA tensors"));
-        assert!(choose_backend(gpu, Some("mpi"), true).unwrap_err().contains("expected gloo or nccl"));
+        assert_eq!(choose_backend(gpu, false, None, true), Ok(Backend::Nccl));
+        assert_eq!(choose_backend(gpu, false, None, false), Ok(Backend::Gloo));
+        // Both siblings on one GPU: Gloo, unless NCCL is forced, which is refused with why.
+        assert_eq!(choose_backend(gpu, true, None, true), Ok(Backend::Gloo));
+        assert!(choose_backend(gpu, true, Some("nccl"), true).unwrap_err().contains("can deadlock"));
+        assert_eq!(choose_backend(Device::Cpu, false, None, true), Ok(Backend::Gloo));
+        assert_eq!(choose_backend(gpu, false, Some("gloo"), true), Ok(Backend::Gloo));
+        assert!(choose_backend(gpu, false, Some("nccl"), false).unwrap_err().contains("built without NCCL"));
+        assert!(choose_backend(Device::Cpu, false, Some("nccl"), true).unwrap_err().contains("CUDA tensors"));
+        assert!(choose_backend(gpu, false, Some("mpi"), true).unwrap_err().contains("expected gloo or nccl"));
         // This CPU build: no NCCL, and asking for an NCCL group says so instead of crashing.
         if !has_nccl() {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -46,10 +46,11 @@ impl Roster {
                 .name("heartbeat".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        if store.add(&format!("{prefix}/beat/{rank}"), 1).is_err() {
-                            return; // the store is gone: diagnose says so
+                        // A beat the store missed (busy, or gone: diagnose says which) is
+                        // tried again at the next; stopping would make this rank look dead.
+                        if store.add(&format!("{prefix}/beat/{rank}"), 1).is_ok() {
+                            learn_names(&store, &prefix, &names);
                         }
-                        learn_names(&store, &prefix, &names);
                         std::thread::sleep(BEAT);
                     }
                 })

@@ -240,10 +240,15 @@ pub fn train_on_ranks(
     tracing::info!("fold {}: {} training and {} validation case(s)", opts.fold, train_ids.len(), val_ids.len());
 
     let mut devices = opts.trainer_devices()?;
+    let siblings_share_device = devices.len() > 1 && devices.windows(2).all(|w| w[0] == w[1]);
     if let Some(l) = launch {
-        let bound = std::env::var_os("CUDA_VISIBLE_DEVICES").is_some();
+        // Slurm binds GPUs per task (--gpus-per-task) through CUDA_VISIBLE_DEVICES; torchrun never does.
+        let bound = l.launcher == "slurm" && std::env::var_os("CUDA_VISIBLE_DEVICES").is_some();
+        let may_share = devices.iter().all(|&d| {
+            crate::distributed::backend_for(d, siblings_share_device) == Ok(crate::distributed::Backend::Gloo)
+        });
         devices = l
-            .rank_devices(&devices, tch::Cuda::device_count().max(0) as usize, bound)
+            .rank_devices(&devices, tch::Cuda::device_count().max(0) as usize, bound, may_share)
             .map_err(|e| Error::invalid("--devices", e))?;
     }
     // The batches' host memory, before any network is built (a huge --patch grew until killed).
@@ -278,8 +283,14 @@ pub fn train_on_ranks(
             .map_err(fail)?;
             let groups = (0..devices.len())
                 .map(|i| {
-                    crate::distributed::ProcessGroup::for_device(&store, &group(i), devices[i], timeout)
-                        .map(|g| Arc::new(g.with_roster(roster.clone())))
+                    crate::distributed::ProcessGroup::for_device(
+                        &store,
+                        &group(i),
+                        devices[i],
+                        siblings_share_device,
+                        timeout,
+                    )
+                    .map(|g| Arc::new(g.with_roster(roster.clone())))
                 })
                 .collect::<std::result::Result<Vec<_>, String>>()
                 .map_err(fail)?;
