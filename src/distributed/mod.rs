@@ -146,6 +146,27 @@ fn message(buf: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Calls the shim with room for its error: Ok when it returns 0, else its message.
+fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
+    let mut err = vec![0u8; ERR_LEN];
+    if f(err.as_mut_ptr() as *mut c_char, ERR_LEN) == 0 {
+        Ok(())
+    } else {
+        Err(message(&err))
+    }
+}
+
+/// [`call`] for a shim function that makes an object (null when it could not).
+fn make<T>(f: impl FnOnce(*mut c_char, usize) -> *mut T) -> Result<*mut T, String> {
+    let mut err = vec![0u8; ERR_LEN];
+    let raw = f(err.as_mut_ptr() as *mut c_char, ERR_LEN);
+    if raw.is_null() {
+        Err(message(&err))
+    } else {
+        Ok(raw)
+    }
+}
+
 fn millis(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
@@ -183,10 +204,9 @@ impl Store {
         if world == 0 || rank >= world {
             return Err(format!("rank {rank} of a world of {world}: ranks are 0..world"));
         }
-        let c_host = CString::new(host).map_err(|_| format!("host {host:?} holds a NUL byte"))?;
-        let mut err = vec![0u8; ERR_LEN];
-        // SAFETY: the string outlives the call; err has ERR_LEN bytes.
-        let raw = unsafe {
+        let c_host = c_string(host)?;
+        // SAFETY: the string outlives the call; err has n bytes.
+        let raw = make(|err, n| unsafe {
             cps3d_store_tcp(
                 c_host.as_ptr(),
                 port as i32,
@@ -194,18 +214,17 @@ impl Store {
                 world as i32,
                 agent as i32,
                 millis(timeout),
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
+                err,
+                n,
             )
-        };
-        if raw.is_null() {
-            return Err(format!(
+        })
+        .map_err(|e| {
+            format!(
                 "rank {rank} of {world}: no rendezvous at {host}:{port} within {} s (are all ranks started, and is \
-                 the address rank 0's?): {}",
-                timeout.as_secs(),
-                message(&err)
-            ));
-        }
+                 the address rank 0's?): {e}",
+                timeout.as_secs()
+            )
+        })?;
         Ok(Store { raw, host: host.to_string(), port, rank, world })
     }
 }
@@ -223,28 +242,15 @@ impl Store {
     pub fn add(&self, key: &str, by: i64) -> Result<i64, String> {
         let c_key = c_string(key)?;
         let mut out = 0i64;
-        let mut err = vec![0u8; ERR_LEN];
-        // SAFETY: the store is live; key and out outlive the call; err has ERR_LEN bytes.
-        let code = unsafe {
-            cps3d_store_add(self.raw, c_key.as_ptr(), by, &mut out, err.as_mut_ptr() as *mut c_char, ERR_LEN)
-        };
-        if code != 0 {
-            return Err(message(&err));
-        }
+        // SAFETY: the store is live; key and out outlive the call; err has n bytes.
+        call(|err, n| unsafe { cps3d_store_add(self.raw, c_key.as_ptr(), by, &mut out, err, n) })?;
         Ok(out)
     }
 
     pub fn set(&self, key: &str, value: &str) -> Result<(), String> {
         let (c_key, c_value) = (c_string(key)?, c_string(value)?);
-        let mut err = vec![0u8; ERR_LEN];
         // SAFETY: as in add.
-        let code = unsafe {
-            cps3d_store_set(self.raw, c_key.as_ptr(), c_value.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN)
-        };
-        if code != 0 {
-            return Err(message(&err));
-        }
-        Ok(())
+        call(|err, n| unsafe { cps3d_store_set(self.raw, c_key.as_ptr(), c_value.as_ptr(), err, n) })
     }
 
     /// The value of `key`, None when no rank has set it (without waiting for it).
@@ -252,22 +258,10 @@ impl Store {
         let c_key = c_string(key)?;
         let mut value = vec![0u8; ERR_LEN];
         let mut found = 0i32;
-        let mut err = vec![0u8; ERR_LEN];
         // SAFETY: as in add; value has ERR_LEN bytes.
-        let code = unsafe {
-            cps3d_store_get(
-                self.raw,
-                c_key.as_ptr(),
-                value.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-                &mut found,
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        if code != 0 {
-            return Err(message(&err));
-        }
+        call(|err, n| unsafe {
+            cps3d_store_get(self.raw, c_key.as_ptr(), value.as_mut_ptr() as *mut c_char, ERR_LEN, &mut found, err, n)
+        })?;
         Ok((found != 0).then(|| message(&value)))
     }
 }
@@ -310,26 +304,16 @@ impl ProcessGroup {
     /// This rank's Gloo group `name` over every rank of the store, each collective waiting
     /// at most `timeout`.
     pub fn gloo(store: &Store, name: &str, timeout: Duration) -> Result<Self, String> {
-        let c_name = CString::new(name).map_err(|_| format!("group name {name:?} holds a NUL byte"))?;
+        let c_name = c_string(name)?;
         // The master's address: the shim binds to loopback for a run on this machine, else
         // to this host's own address (or GLOO_SOCKET_IFNAME's interfaces).
-        let host = if store.host == "localhost" { "127.0.0.1" } else { store.host.as_str() };
-        let c_host = CString::new(host).map_err(|_| format!("host {host:?} holds a NUL byte"))?;
-        let mut err = vec![0u8; ERR_LEN];
-        // SAFETY: store is live; the strings outlive the call; err has ERR_LEN bytes.
-        let raw = unsafe {
-            cps3d_pg_gloo(
-                store.raw,
-                c_name.as_ptr(),
-                c_host.as_ptr(),
-                store.rank as i32,
-                store.world as i32,
-                millis(timeout),
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        ProcessGroup::made(raw, &err, store, name, Device::Cpu, timeout)
+        let c_host = c_string(if store.host == "localhost" { "127.0.0.1" } else { &store.host })?;
+        let (rank, world, ms) = (store.rank as i32, store.world as i32, millis(timeout));
+        // SAFETY: store is live; the strings outlive the call; err has n bytes.
+        let raw = make(|err, n| unsafe {
+            cps3d_pg_gloo(store.raw, c_name.as_ptr(), c_host.as_ptr(), rank, world, ms, err, n)
+        });
+        ProcessGroup::made(raw, store, name, Device::Cpu, timeout)
     }
 
     /// This rank's NCCL group `name` for tensors on `device` (a CUDA device).
@@ -337,43 +321,31 @@ impl ProcessGroup {
         if !matches!(device, Device::Cuda(_)) {
             return Err(format!("group {name}: NCCL reduces CUDA tensors, not {device:?}"));
         }
-        let c_name = CString::new(name).map_err(|_| format!("group name {name:?} holds a NUL byte"))?;
-        let mut err = vec![0u8; ERR_LEN];
-        // SAFETY: store is live; the string outlives the call; err has ERR_LEN bytes.
-        let raw = unsafe {
-            cps3d_pg_nccl(
-                store.raw,
-                c_name.as_ptr(),
-                store.rank as i32,
-                store.world as i32,
-                millis(timeout),
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        ProcessGroup::made(raw, &err, store, name, device, timeout)
+        let c_name = c_string(name)?;
+        let (rank, world, ms) = (store.rank as i32, store.world as i32, millis(timeout));
+        // SAFETY: store is live; the string outlives the call; err has n bytes.
+        let raw = make(|err, n| unsafe { cps3d_pg_nccl(store.raw, c_name.as_ptr(), rank, world, ms, err, n) });
+        ProcessGroup::made(raw, store, name, device, timeout)
     }
 
     /// The group the shim made, or why it could not.
     fn made(
-        raw: *mut RawGroup,
-        err: &[u8],
+        raw: Result<*mut RawGroup, String>,
         store: &Store,
         name: &str,
         device: Device,
         timeout: Duration,
     ) -> Result<Self, String> {
-        if raw.is_null() {
-            return Err(format!(
-                "rank {} could not form group {name} ({} ranks, store at {}:{}) within {} s: {}",
+        let raw = raw.map_err(|e| {
+            format!(
+                "rank {} could not form group {name} ({} ranks, store at {}:{}) within {} s: {e}",
                 store.rank,
                 store.world,
                 store.host,
                 store.port,
-                timeout.as_secs(),
-                message(err)
-            ));
-        }
+                timeout.as_secs()
+            )
+        })?;
         Ok(ProcessGroup {
             raw,
             device,
@@ -385,16 +357,9 @@ impl ProcessGroup {
         })
     }
 
-    /// The group for a sibling training on `device` (which its sibling may share), on
-    /// [`backend_for`]'s backend.
-    pub fn for_device(
-        store: &Store,
-        name: &str,
-        device: Device,
-        siblings_share_device: bool,
-        timeout: Duration,
-    ) -> Result<Self, String> {
-        match backend_for(device, siblings_share_device)? {
+    /// This rank's group `name` on `backend` for tensors on `device` (see [`backend_for`]).
+    pub fn new(backend: Backend, store: &Store, name: &str, device: Device, timeout: Duration) -> Result<Self, String> {
+        match backend {
             Backend::Gloo => ProcessGroup::gloo(store, name, timeout),
             Backend::Nccl => ProcessGroup::nccl(store, name, device, timeout),
         }
@@ -446,39 +411,31 @@ impl ProcessGroup {
         Ok(())
     }
 
-    fn check(&self, what: &str, code: i32, err: &[u8]) -> Result<(), String> {
-        if code == 0 {
-            return Ok(());
-        }
-        let who = match &self.roster {
-            Some(r) => format!("; {}", r.diagnose()),
-            None => String::new(),
-        };
-        Err(format!(
-            "rank {} of group {} ({} ranks): {what} failed (a peer died, hung past {} s or lost its network): {}{who}",
-            self.rank,
-            self.name,
-            self.world,
-            self.timeout.as_secs(),
-            message(err)
-        ))
+    /// A collective's outcome, its failure said with the group, the timeout and (with a
+    /// roster) the rank that stopped answering.
+    fn check(&self, what: &str, outcome: Result<(), String>) -> Result<(), String> {
+        outcome.map_err(|e| {
+            let who = match &self.roster {
+                Some(r) => format!("; {}", r.diagnose()),
+                None => String::new(),
+            };
+            format!(
+                "rank {} of group {} ({} ranks): {what} failed (a peer died, hung past {} s or lost its network): \
+                 {e}{who}",
+                self.rank,
+                self.name,
+                self.world,
+                self.timeout.as_secs()
+            )
+        })
     }
 
     /// Sums `t` (contiguous, on the group's device) over the ranks, in place.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<(), String> {
         self.check_tensor(t, "all-reduce")?;
-        let mut err = vec![0u8; ERR_LEN];
-        // SAFETY: t is a live tch tensor (an at::Tensor*); err has ERR_LEN bytes.
-        let code = unsafe {
-            cps3d_pg_allreduce_sum(
-                self.raw,
-                t.as_mut_ptr(),
-                self.timeout_ms(),
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        self.check("all-reduce", code, &err)
+        let ms = self.timeout_ms();
+        // SAFETY: t is a live tch tensor (an at::Tensor*); err has n bytes.
+        self.check("all-reduce", call(|err, n| unsafe { cps3d_pg_allreduce_sum(self.raw, t.as_mut_ptr(), ms, err, n) }))
     }
 
     /// Every rank's `t`, in rank order.
@@ -487,47 +444,29 @@ impl ProcessGroup {
         self.check_tensor(&input, "all-gather")?;
         let mut outputs: Vec<Tensor> = (0..self.world).map(|_| input.empty_like()).collect();
         let mut ptrs: Vec<*mut CTensor> = outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
-        let mut err = vec![0u8; ERR_LEN];
+        let (world, ms) = (self.world as i32, self.timeout_ms());
         // SAFETY: input and outputs live through the call; ptrs has world entries.
-        let code = unsafe {
-            cps3d_pg_allgather(
-                self.raw,
-                input.as_mut_ptr(),
-                ptrs.as_mut_ptr(),
-                self.world as i32,
-                self.timeout_ms(),
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        self.check("all-gather", code, &err)?;
+        let outcome = call(|err, n| unsafe {
+            cps3d_pg_allgather(self.raw, input.as_mut_ptr(), ptrs.as_mut_ptr(), world, ms, err, n)
+        });
+        self.check("all-gather", outcome)?;
         Ok(outputs)
     }
 
     /// Rank `root`'s `t` on every rank, in place.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<(), String> {
         self.check_tensor(t, "broadcast")?;
-        let mut err = vec![0u8; ERR_LEN];
+        let ms = self.timeout_ms();
         // SAFETY: as in all_reduce_sum.
-        let code = unsafe {
-            cps3d_pg_broadcast(
-                self.raw,
-                t.as_mut_ptr(),
-                root as i32,
-                self.timeout_ms(),
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        self.check("broadcast", code, &err)
+        let outcome = call(|err, n| unsafe { cps3d_pg_broadcast(self.raw, t.as_mut_ptr(), root as i32, ms, err, n) });
+        self.check("broadcast", outcome)
     }
 
     /// Returns once every rank has called it.
     pub fn barrier(&self) -> Result<(), String> {
-        let mut err = vec![0u8; ERR_LEN];
-        // SAFETY: err has ERR_LEN bytes.
-        let code = unsafe { cps3d_pg_barrier(self.raw, self.timeout_ms(), err.as_mut_ptr() as *mut c_char, ERR_LEN) };
-        self.check("barrier", code, &err)
+        let ms = self.timeout_ms();
+        // SAFETY: a live group; err has n bytes.
+        self.check("barrier", call(|err, n| unsafe { cps3d_pg_barrier(self.raw, ms, err, n) }))
     }
 
     /// The mean over the ranks of each tensor, in place, in one all-reduce.

@@ -241,12 +241,19 @@ pub fn train_on_ranks(
 
     let mut devices = opts.trainer_devices()?;
     let siblings_share_device = devices.len() > 1 && devices.windows(2).all(|w| w[0] == w[1]);
+    // Each sibling's c10d backend, chosen once (none for one process).
+    let backends = match launch {
+        None => Vec::new(),
+        Some(_) => devices
+            .iter()
+            .map(|&d| crate::distributed::backend_for(d, siblings_share_device))
+            .collect::<std::result::Result<Vec<_>, String>>()
+            .map_err(|e| Error::invalid(run, e))?,
+    };
     if let Some(l) = launch {
         // Slurm binds GPUs per task (--gpus-per-task) through CUDA_VISIBLE_DEVICES; torchrun never does.
         let bound = l.launcher == "slurm" && std::env::var_os("CUDA_VISIBLE_DEVICES").is_some();
-        let may_share = devices.iter().all(|&d| {
-            crate::distributed::backend_for(d, siblings_share_device) == Ok(crate::distributed::Backend::Gloo)
-        });
+        let may_share = backends.iter().all(|&b| b == crate::distributed::Backend::Gloo);
         devices = l
             .rank_devices(&devices, tch::Cuda::device_count().max(0) as usize, bound, may_share)
             .map_err(|e| Error::invalid("--devices", e))?;
@@ -283,14 +290,8 @@ pub fn train_on_ranks(
             .map_err(fail)?;
             let groups = (0..devices.len())
                 .map(|i| {
-                    crate::distributed::ProcessGroup::for_device(
-                        &store,
-                        &group(i),
-                        devices[i],
-                        siblings_share_device,
-                        timeout,
-                    )
-                    .map(|g| Arc::new(g.with_roster(roster.clone())))
+                    crate::distributed::ProcessGroup::new(backends[i], &store, &group(i), devices[i], timeout)
+                        .map(|g| Arc::new(g.with_roster(roster.clone())))
                 })
                 .collect::<std::result::Result<Vec<_>, String>>()
                 .map_err(fail)?;
